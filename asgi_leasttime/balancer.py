@@ -1,0 +1,450 @@
+"""The least-time balancer: which server gets the next request.
+
+Sans-IO: no sockets, no event loop, no HTTP. The proxy asks for a server, counts the request in
+flight, and reports how long the server took to answer (its time to first byte, TTFB). Everything
+that depends on time reads an injectable clock, so tests drive it with a fake one.
+
+Score, as in Traefik: ``average TTFB * (1 + in flight) / weight``; the lowest wins, and servers
+with equal scores are ordered by earliest-deadline-first (weighted round robin).
+
+Two modes:
+
+``"traefik"``
+    Traefik v3.6's ``leasttime`` exactly: samples truncated to whole milliseconds, the plain mean of
+    the last 100, no ageing, failures not recorded.
+``"leasttime"`` (the default)
+    The same score with Traefik's faults fixed: samples in float seconds (sub-millisecond servers
+    stop tying at 0); a cold server probed one request at a time instead of flooded until its first
+    answer; a server with no sample for a while probed again the same way, its stale samples
+    dropped when the answer comes, so a server that was slow and recovered gets its share back;
+    and failures recorded as slow answers instead of nothing.
+
+Not thread-safe: call it from one event loop (the proxy's). From another thread, hand the call to
+the loop (``anyio.from_thread.run_sync`` or ``loop.call_soon_threadsafe``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+__all__ = ["SAMPLE_SIZE", "Balancer", "Mode", "NoAvailableServer", "Server", "UnknownServer"]
+
+Mode = Literal["leasttime", "traefik"]
+
+SAMPLE_SIZE = 100
+"""How many of a server's most recent TTFB samples make its average (Traefik's ``sampleSize``)."""
+
+logger = logging.getLogger("asgi_leasttime")
+
+
+class NoAvailableServer(Exception):
+    """No server is both up and unfenced. The proxy answers ``503 no available server``."""
+
+    def __init__(self) -> None:
+        super().__init__("no available server")
+
+
+class UnknownServer(KeyError):
+    """A server name that the balancer does not hold.
+
+    Traefik accepts unknown names in ``SetStatus``, which lets a parent balancer believe a child is
+    up while every pick fails; here it is an error.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"no server named {self.name!r} in this balancer"
+
+
+class Server:
+    """One server of a :class:`Balancer`, with its read-only statistics.
+
+    Handed out by :meth:`Balancer.next_server` and :meth:`Balancer.acquire`; the proxy passes it
+    back to :meth:`Balancer.release` and :meth:`Balancer.record_ttfb`. A server removed from its
+    balancer keeps its own counters, so requests still in flight on it finish cleanly.
+    """
+
+    __slots__ = (
+        "_average",
+        "_count",
+        "_deadline",
+        "_failures",
+        "_fenced",
+        "_index",
+        "_inflight",
+        "_last_sample_at",
+        "_requests",
+        "_samples",
+        "_scale",
+        "_score",
+        "_slot",
+        "_stale",
+        "_sum",
+        "_up",
+        "_weight",
+        "name",
+    )
+
+    def __init__(self, name: str, weight: float, fenced: bool, deadline: float, scale: float):
+        self.name = name
+        self._weight = weight
+        self._fenced = fenced
+        self._up = True
+        self._deadline = deadline
+        self._inflight = 0
+        self._requests = 0
+        self._failures = 0
+        self._samples = [0.0] * SAMPLE_SIZE
+        self._index = 0
+        self._count = 0
+        self._sum = 0.0
+        self._average = 0.0  # in the mode's unit: milliseconds for "traefik", seconds otherwise
+        self._scale = scale  # seconds per unit of _average
+        self._last_sample_at = 0.0
+        self._stale = False  # default mode: no sample for stale_after seconds, due a probe
+        self._score = 0.0  # kept current by the balancer, in the unit of _average
+        self._slot = -1  # position in the balancer's list of available servers, -1 if none
+
+    def __repr__(self) -> str:
+        return (
+            f"Server(name={self.name!r}, weight={self._weight:g}, up={self._up}, "
+            f"fenced={self._fenced}, average={self.average:.6f}, inflight={self._inflight})"
+        )
+
+    @property
+    def weight(self) -> float:
+        """The server's weight: twice the weight, twice the share at equal speed."""
+        return self._weight
+
+    @property
+    def up(self) -> bool:
+        """Whether the server is up (set by :meth:`Balancer.set_status` and health checks)."""
+        return self._up
+
+    @property
+    def fenced(self) -> bool:
+        """A fenced server is draining: it keeps its sticky clients but gets no new picks."""
+        return self._fenced
+
+    @property
+    def available(self) -> bool:
+        """Up and not fenced: whether a pick may choose it."""
+        return self._up and not self._fenced
+
+    @property
+    def inflight(self) -> int:
+        """Requests counted in flight on this server right now."""
+        return self._inflight
+
+    @property
+    def average(self) -> float:
+        """The mean of the last :data:`SAMPLE_SIZE` TTFB samples, in seconds (0 with none).
+
+        In ``"traefik"`` mode the samples are whole milliseconds, as Traefik stores them.
+        """
+        return self._average * self._scale
+
+    @property
+    def sample_count(self) -> int:
+        """How many samples make up the average (at most :data:`SAMPLE_SIZE`)."""
+        return self._count
+
+    @property
+    def score(self) -> float:
+        """What the next pick compares, in seconds: lower wins.
+
+        ``average * (1 + inflight) / weight``. In the default mode a cold or stale server scores 0
+        until it is probed, and infinity while its probe is out.
+        """
+        return self._score * self._scale
+
+    @property
+    def deadline(self) -> float:
+        """Earliest-deadline-first position, used only to break ties between equal scores."""
+        return self._deadline
+
+    @property
+    def requests(self) -> int:
+        """Requests counted on this server since it was added."""
+        return self._requests
+
+    @property
+    def failures(self) -> int:
+        """Failures recorded on this server since it was added."""
+        return self._failures
+
+    def _add_sample(self, value: float) -> None:
+        samples = self._samples
+        index = self._index
+        if self._count < SAMPLE_SIZE:
+            self._count += 1
+            self._sum += value
+        else:
+            self._sum += value - samples[index]
+        samples[index] = value
+        self._index = (index + 1) % SAMPLE_SIZE
+        self._average = self._sum / self._count
+
+    def _forget_samples(self) -> None:
+        self._index = self._count = 0
+        self._sum = self._average = 0.0
+
+
+class Balancer:
+    """Least-time selection over a set of named servers.
+
+    Arguments:
+        mode: ``"leasttime"`` (the default, Traefik's faults fixed) or ``"traefik"`` (Traefik's
+            algorithm exactly, for parity).
+        wants_health_check: whether a parent may register a status updater
+            (:meth:`register_status_updater`); Traefik refuses it otherwise.
+        clock: seconds, monotonic; ``time.perf_counter`` unless a test passes a fake.
+        stale_after: default mode only. Seconds without a sample after which a server's average
+            no longer counts: it is probed with one request, as a cold server is, and its old
+            samples are dropped when the answer arrives.
+        failure_penalty: default mode only. Seconds recorded as the TTFB of a failed request.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: Mode = "leasttime",
+        wants_health_check: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+        stale_after: float = 5.0,
+        failure_penalty: float = 1.0,
+    ) -> None:
+        if mode not in ("leasttime", "traefik"):
+            raise ValueError(f"mode must be 'leasttime' or 'traefik', not {mode!r}")
+        if stale_after <= 0:
+            raise ValueError("stale_after must be positive")
+        if failure_penalty < 0:
+            raise ValueError("failure_penalty must not be negative")
+        self.mode: Mode = mode
+        self.wants_health_check = wants_health_check
+        self.clock = clock
+        self.stale_after = stale_after
+        self.failure_penalty = failure_penalty
+        self._traefik = mode == "traefik"
+        self._servers: dict[str, Server] = {}
+        # The pick's candidates and their scores, side by side: the pick is min() over a list
+        # of floats, which runs in C. Rebuilt when membership, status or fencing changes; a
+        # server's score is rewritten in place whenever its in-flight count or average moves.
+        self._available: list[Server] = []
+        self._scores: list[float] = []
+        self._up_count = 0
+        self._current_deadline = 0.0
+        self._next_staleness_check = 0.0
+        self._updaters: list[Callable[[bool], None]] = []
+
+    # -- membership ------------------------------------------------------------------------------
+
+    def add(self, name: str, weight: float = 1, fenced: bool = False) -> Server | None:
+        """Add a server, up. A weight of 0 or less drops it, as in Traefik, and returns ``None``.
+
+        New servers are staggered: each one's deadline is the previous newest deadline plus
+        ``1 / weight`` (three weight-1 servers get 1, 2 and 3).
+        """
+        if name in self._servers:
+            raise ValueError(f"a server named {name!r} is already in this balancer")
+        if weight <= 0:
+            logger.debug("server %r has weight %s and is left out", name, weight)
+            return None
+        deadline = self._current_deadline + 1 / weight
+        self._current_deadline = deadline
+        scale = 0.001 if self._traefik else 1.0
+        server = Server(name, float(weight), fenced, deadline, scale)
+        was_up = self.up
+        self._servers[name] = server
+        self._up_count += 1
+        self._membership_changed(was_up)
+        return server
+
+    def remove(self, name: str) -> Server:
+        """Remove a server. Requests in flight on it finish; its counters go with it."""
+        server = self._servers.pop(name, None)
+        if server is None:
+            raise UnknownServer(name)
+        was_up = self.up
+        if server._up:
+            self._up_count -= 1
+        self._membership_changed(was_up)
+        return server
+
+    def __getitem__(self, name: str) -> Server:
+        try:
+            return self._servers[name]
+        except KeyError:
+            raise UnknownServer(name) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._servers
+
+    def __iter__(self) -> Iterator[Server]:
+        return iter(tuple(self._servers.values()))
+
+    def __len__(self) -> int:
+        return len(self._servers)
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """Every server, in the order they were added."""
+        return tuple(self._servers.values())
+
+    # -- status ----------------------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Whether any server is up (fenced ones count: they still serve their sticky clients)."""
+        return self._up_count > 0
+
+    def set_status(self, name: str, up: bool) -> None:
+        """Mark a server up or down. When the balancer as a whole flips, tell the updaters."""
+        server = self[name]
+        if server._up == up:
+            return
+        was_up = self.up
+        server._up = up
+        self._up_count += 1 if up else -1
+        logger.debug("server %r is now %s", name, "up" if up else "down")
+        self._membership_changed(was_up)
+
+    def set_fenced(self, name: str, fenced: bool) -> None:
+        """Fence (drain) a server or take it back: fenced servers get no new picks."""
+        self[name]._fenced = fenced
+        self._membership_changed(self.up)
+
+    def register_status_updater(self, updater: Callable[[bool], None]) -> None:
+        """Call ``updater(up)`` whenever the balancer as a whole goes up or down.
+
+        This is how a parent balancer learns that a child went down. Refused unless the balancer
+        was created with ``wants_health_check=True``, as in Traefik.
+        """
+        if not self.wants_health_check:
+            raise RuntimeError(
+                "health check not enabled for this balancer: create it with wants_health_check=True"
+            )
+        self._updaters.append(updater)
+
+    def _membership_changed(self, was_up: bool) -> None:
+        for server in self._available:
+            server._slot = -1
+        available = [s for s in self._servers.values() if s._up and not s._fenced]
+        for server in available:
+            self._rescore(server)
+        for slot, server in enumerate(available):
+            server._slot = slot
+        self._available = available
+        self._scores = [s._score for s in available]
+        now_up = self.up
+        if now_up != was_up:
+            for updater in tuple(self._updaters):
+                updater(now_up)
+
+    # -- the pick --------------------------------------------------------------------------------
+
+    def next_server(self) -> Server:
+        """The server with the lowest score; raises :class:`NoAvailableServer` if none is available.
+
+        Like Traefik's ``nextServer`` it only picks: it counts nothing in flight. Use
+        :meth:`acquire` to pick and count in one step.
+        """
+        scores = self._scores
+        if len(scores) < 2:
+            if scores:
+                return self._available[0]
+            raise NoAvailableServer
+        if not self._traefik and self.clock() >= self._next_staleness_check:
+            self._find_stale_servers()
+        best = min(scores)
+        slot = scores.index(best)
+        if scores.count(best) > 1:
+            slot = self._earliest_deadline(best, slot)
+        return self._available[slot]
+
+    def _earliest_deadline(self, score: float, first: int) -> int:
+        """Break a tie by earliest deadline, and move the winner back by its share of a round."""
+        available, scores = self._available, self._scores
+        slot = first
+        deadline = available[first]._deadline
+        for other in range(first + 1, len(scores)):
+            if scores[other] == score and available[other]._deadline < deadline:
+                slot, deadline = other, available[other]._deadline
+        winner = available[slot]
+        deadline += 1 / winner._weight
+        winner._deadline = deadline
+        if deadline > self._current_deadline:
+            self._current_deadline = deadline
+        return slot
+
+    def _rescore(self, server: Server) -> None:
+        if (server._count == 0 or server._stale) and not self._traefik:
+            # Nothing known (cold) or nothing recent (stale): one probe, then wait for its answer.
+            score = math.inf if server._inflight else 0.0
+        else:
+            score = server._average * (1 + server._inflight) / server._weight
+        server._score = score
+        if server._slot >= 0:
+            self._scores[server._slot] = score
+
+    def _find_stale_servers(self) -> None:
+        now = self.clock()
+        self._next_staleness_check = now + self.stale_after / 8
+        stale_since = now - self.stale_after
+        for server in self._available:
+            if server._count and not server._stale and server._last_sample_at < stale_since:
+                server._stale = True
+                self._rescore(server)
+
+    # -- counting and timing ---------------------------------------------------------------------
+
+    def acquire(self) -> Server:
+        """Pick a server and count one request in flight on it, with nothing in between."""
+        server = self.next_server()
+        self.track(server)
+        return server
+
+    def track(self, server: Server) -> None:
+        """Count a request in flight on a server chosen without a pick (a sticky request)."""
+        server._inflight += 1
+        server._requests += 1
+        self._rescore(server)
+
+    def release(self, server: Server) -> None:
+        """The request counted by :meth:`acquire` or :meth:`track` is over, however it ended."""
+        server._inflight -= 1
+        self._rescore(server)
+
+    def record_ttfb(self, server: Server, seconds: float) -> None:
+        """Record a time to first byte, in seconds."""
+        if self._traefik:
+            # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
+            server._add_sample(float(round(seconds * 1e9) // 1_000_000))
+        else:
+            now = self.clock()
+            if server._stale or now - server._last_sample_at > self.stale_after:
+                server._forget_samples()
+            server._stale = False
+            server._last_sample_at = now
+            server._add_sample(seconds)
+        self._rescore(server)
+
+    def record_failure(self, server: Server, ttfb: float | None = None) -> None:
+        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx.
+
+        Traefik times whatever answered and ignores what did not, which makes a fast-failing
+        server look fast; the default mode records ``failure_penalty`` seconds instead.
+        """
+        server._failures += 1
+        if self._traefik:
+            if ttfb is not None:
+                self.record_ttfb(server, ttfb)
+            return
+        self.record_ttfb(server, max(self.failure_penalty, ttfb or 0.0))

@@ -1,0 +1,239 @@
+"""The Balancer's own API and the default mode's fixes of Traefik's faults (fake clock)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from asgi_leasttime import Balancer, NoAvailableServer, Server, UnknownServer
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def balancer_with(*names: str, clock: FakeClock | None = None, **options: float) -> Balancer:
+    balancer = Balancer(clock=clock or FakeClock(), **options)  # type: ignore[arg-type]
+    for name in names:
+        balancer.add(name)
+    return balancer
+
+
+def answer(balancer: Balancer, speeds: dict[str, float], requests: int) -> Counter[str]:
+    served: Counter[str] = Counter()
+    for _ in range(requests):
+        server = balancer.acquire()
+        balancer.record_ttfb(server, speeds[server.name])
+        balancer.release(server)
+        served[server.name] += 1
+    return served
+
+
+# -- membership and status -----------------------------------------------------------------------
+
+
+def test_unknown_names_are_errors() -> None:
+    balancer = balancer_with("a")
+    with pytest.raises(UnknownServer, match="no server named 'ghost'"):
+        balancer.set_status("ghost", up=True)
+    with pytest.raises(UnknownServer):
+        balancer.remove("ghost")
+    with pytest.raises(UnknownServer):
+        balancer.set_fenced("ghost", True)
+    assert "ghost" not in balancer
+
+
+def test_duplicate_names_are_refused() -> None:
+    balancer = balancer_with("a")
+    with pytest.raises(ValueError, match="already"):
+        balancer.add("a")
+
+
+def test_non_positive_weight_is_left_out() -> None:
+    balancer = balancer_with()
+    assert balancer.add("zero", weight=0) is None
+    assert balancer.add("negative", weight=-2) is None
+    assert len(balancer) == 0
+    assert not balancer.up
+
+
+def test_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        Balancer(mode="fastest")  # type: ignore[arg-type]
+
+
+def test_updaters_hear_only_flips() -> None:
+    balancer = Balancer(wants_health_check=True)
+    heard: list[bool] = []
+    balancer.register_status_updater(heard.append)
+    balancer.add("a")
+    balancer.add("b")
+    balancer.set_status("a", up=False)
+    balancer.set_status("a", up=False)
+    balancer.set_status("b", up=False)
+    balancer.set_status("b", up=True)
+    balancer.remove("b")
+    assert heard == [True, False, True, False]
+
+
+def test_fenced_servers_still_hold_the_balancer_up() -> None:
+    balancer = balancer_with("a")
+    balancer.set_fenced("a", True)
+    assert balancer.up
+    assert not balancer["a"].available
+    with pytest.raises(NoAvailableServer):
+        balancer.next_server()
+    balancer.set_fenced("a", False)
+    assert balancer.next_server().name == "a"
+
+
+def test_removed_server_finishes_its_requests() -> None:
+    balancer = balancer_with("a", "b")
+    held = [balancer.acquire() for _ in range(4)]
+    removed = balancer.remove("a")
+    assert all(balancer.next_server().name == "b" for _ in range(5))
+    for server in held:
+        balancer.record_ttfb(server, 0.01)
+        balancer.release(server)
+    assert removed.inflight == 0
+    assert balancer["b"].inflight == 0
+    assert [s.name for s in balancer] == ["b"]
+
+
+def test_stats_are_read_only() -> None:
+    server = balancer_with("a")["a"]
+    with pytest.raises(AttributeError):
+        server.inflight = 3  # type: ignore[misc]
+
+
+def test_requests_and_failures_are_counted() -> None:
+    balancer = balancer_with("a")
+    server = balancer.acquire()
+    balancer.record_failure(server)
+    balancer.release(server)
+    balancer.track(server)
+    balancer.release(server)
+    assert (server.requests, server.failures, server.inflight) == (2, 1, 0)
+
+
+# -- the default mode's fixes ---------------------------------------------------------------------
+
+
+def test_sub_millisecond_servers_are_told_apart() -> None:
+    speeds = {"a": 0.0003, "b": 0.0009}
+    default = answer(balancer_with("a", "b"), speeds, 100)
+    traefik = balancer_with("a", "b", mode="traefik")  # type: ignore[arg-type]
+    assert default["a"] == 99  # one probe of b, then the faster one
+    assert answer(traefik, speeds, 100) == {"a": 51, "b": 49}  # both average 0 ms: EDF order
+
+
+def test_cold_server_gets_one_probe_until_it_answers() -> None:
+    balancer = balancer_with("warm")
+    answer(balancer, {"warm": 0.050}, 10)
+    balancer.add("cold")
+    probe = balancer.acquire()
+    assert probe.name == "cold"
+    assert probe.score == math.inf
+    assert [balancer.acquire().name for _ in range(5)] == ["warm"] * 5
+    balancer.record_ttfb(probe, 0.010)
+    balancer.release(probe)
+    assert balancer.next_server().name == "cold"
+
+
+def test_traefik_mode_floods_a_cold_server() -> None:
+    balancer = balancer_with("warm", mode="traefik")  # type: ignore[arg-type]
+    answer(balancer, {"warm": 0.050}, 10)
+    balancer.add("cold")
+    assert [balancer.acquire().name for _ in range(5)] == ["cold"] * 5
+
+
+def test_all_cold_with_probes_out_spread_by_deadline() -> None:
+    balancer = balancer_with("a", "b", "c")
+    assert [balancer.acquire().name for _ in range(3)] == ["a", "b", "c"]
+    # No information anywhere: every pick is an earliest-deadline tie-break, none is flooded.
+    assert Counter(balancer.acquire().name for _ in range(9)) == {"a": 4, "b": 3, "c": 2}
+
+
+def test_recovered_server_is_probed_again_and_trusted() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("steady", "flaky", clock=clock)
+    speeds = {"steady": 0.010, "flaky": 0.200}
+    answer(balancer, speeds, 50)
+    assert answer(balancer, speeds, 20) == {"steady": 20}
+    speeds["flaky"] = 0.005  # recovered, but nothing tells the balancer
+
+    # One request every 100 ms: "flaky" has no fresh sample, so after stale_after (5 s, checked
+    # every 5/8 s) it is probed with one request.
+    probed_at = None
+    for tick in range(1, 201):
+        clock.now += 0.1
+        if answer(balancer, speeds, 1)["flaky"]:
+            probed_at = tick / 10
+            break
+    assert probed_at is not None
+    assert 5.0 < probed_at <= 5.0 + 5 / 8 + 0.1
+    # Its stale samples are gone: the fresh one decides, and it now wins.
+    assert balancer["flaky"].average == pytest.approx(0.005)
+    assert answer(balancer, speeds, 10) == {"flaky": 10}
+
+
+def test_a_server_still_slow_costs_one_probe_per_period() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("steady", "slow", clock=clock)
+    speeds = {"steady": 0.010, "slow": 0.200}
+    served: Counter[str] = Counter()
+    for _ in range(600):  # 60 s at 10 requests a second
+        clock.now += 0.1
+        served += answer(balancer, speeds, 1)
+    assert 9 <= served["slow"] <= 12  # one probe per ~5.6 s, plus the first cold probe
+
+
+def test_traefik_mode_never_retries_a_server_that_was_slow() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("steady", "flaky", clock=clock, mode="traefik")  # type: ignore[arg-type]
+    speeds = {"steady": 0.010, "flaky": 0.200}
+    answer(balancer, speeds, 50)
+    speeds["flaky"] = 0.005
+    clock.now += 3600
+    assert answer(balancer, speeds, 100) == {"steady": 100}
+
+
+def test_failures_count_as_slow() -> None:
+    balancer = balancer_with("a", "b")
+    speeds = {"a": 0.001, "b": 0.002}
+    answer(balancer, speeds, 20)
+    failing = balancer["a"]
+    balancer.record_failure(failing, ttfb=0.0005)  # a fast 503
+    assert failing.average > balancer["b"].average
+    assert answer(balancer, speeds, 10) == {"b": 10}
+
+
+def test_traefik_mode_rewards_fast_failures() -> None:
+    balancer = balancer_with("a", mode="traefik")  # type: ignore[arg-type]
+    server = balancer["a"]
+    balancer.record_failure(server)  # never answered: nothing recorded
+    assert server.sample_count == 0
+    balancer.record_failure(server, ttfb=0.004)  # a 503 in 4 ms counts as a 4 ms answer
+    assert server.average == 4 / 1000
+
+
+def test_weights_share_traffic_at_equal_speed() -> None:
+    balancer = balancer_with()
+    balancer.add("heavy", weight=3)
+    balancer.add("light", weight=1)
+    served: Counter[str] = Counter()
+    held: list[Server] = []
+    for _ in range(40):  # concurrent load: in flight decides, weighted
+        server = balancer.acquire()
+        balancer.record_ttfb(server, 0.010)
+        held.append(server)
+        served[server.name] += 1
+    assert served["heavy"] == pytest.approx(30, abs=2)
+    for server in held:
+        balancer.release(server)
