@@ -1,14 +1,18 @@
 """Traefik's least-time load balancer for ASGI applications."""
 
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server, UnknownServer
+from asgi_leasttime.proxy import LeastTimeProxy
+from asgi_leasttime.upstream import Upstream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Balancer",
+    "LeastTimeProxy",
     "Mode",
     "NoAvailableServer",
     "Server",
     "UnknownServer",
+    "Upstream",
     "__version__",
 ]

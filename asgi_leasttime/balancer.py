@@ -244,7 +244,7 @@ class Balancer:
         self._next_staleness_check = 0.0
         self._updaters: list[Callable[[bool], None]] = []
 
-    # -- membership ------------------------------------------------------------------------------
+    # -- membership -------------------------------------------------------------------------------
 
     def add(self, name: str, weight: float = 1, fenced: bool = False) -> Server | None:
         """Add a server, up. A weight of 0 or less drops it, as in Traefik, and returns ``None``.
@@ -298,7 +298,7 @@ class Balancer:
         """Every server, in the order they were added."""
         return tuple(self._servers.values())
 
-    # -- status ----------------------------------------------------------------------------------
+    # -- status -----------------------------------------------------------------------------------
 
     @property
     def up(self) -> bool:
@@ -348,7 +348,7 @@ class Balancer:
             for updater in tuple(self._updaters):
                 updater(now_up)
 
-    # -- the pick --------------------------------------------------------------------------------
+    # -- the pick ---------------------------------------------------------------------------------
 
     def next_server(self) -> Server:
         """The server with the lowest score; raises :class:`NoAvailableServer` if none is available.
@@ -403,7 +403,7 @@ class Balancer:
                 server._stale = True
                 self._rescore(server)
 
-    # -- counting and timing ---------------------------------------------------------------------
+    # -- counting and timing ----------------------------------------------------------------------
 
     def acquire(self) -> Server:
         """Pick a server and count one request in flight on it, with nothing in between."""

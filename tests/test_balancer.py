@@ -35,7 +35,7 @@ def answer(balancer: Balancer, speeds: dict[str, float], requests: int) -> Count
     return served
 
 
-# -- membership and status -----------------------------------------------------------------------
+# -- membership and status ------------------------------------------------------------------------
 
 
 def test_unknown_names_are_errors() -> None:

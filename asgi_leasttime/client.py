@@ -1,0 +1,122 @@
+"""The upstream HTTP client: an ``httpx.AsyncClient`` set up for a proxy.
+
+httpx's defaults suit a browser-like client, not a proxy: a 5 s read timeout, one pool of 100
+connections shared by every host, a cookie jar that remembers what one user's upstream set and
+sends it with the next user's request, and redirects to follow. This module makes the client the
+proxy creates, and defines the pieces a caller's own client needs too.
+
+The transport under the client is the seam for speed: anything that implements
+``httpx.AsyncBaseTransport`` can carry the proxy's requests without the forwarding code changing.
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import ssl
+import urllib.request
+from typing import Any
+
+import httpx
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DEFAULT_TIMEOUT",
+    "NoCookies",
+    "PerOriginTransport",
+    "create_client",
+    "forget_cookies",
+]
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
+"""Connect 5 s; 60 s between two reads or writes (long enough for slow pages and long polls, short
+enough to free a hung upstream); 10 s waiting for a free connection in a full pool."""
+
+DEFAULT_LIMITS = httpx.Limits(
+    max_connections=512, max_keepalive_connections=512, keepalive_expiry=4.0
+)
+"""Per upstream. Keep-alive connections as many as connections, since a smaller idle pool makes
+httpcore close and reopen connections under load. Idle ones expire after 4 s, before the 5 s after
+which uvicorn closes an idle keep-alive connection, so the proxy does not reuse one the upstream is
+closing."""
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that stores nothing.
+
+    A proxy's client must never remember cookies: a ``Set-Cookie`` meant for one user would be
+    sent upstream with every other user's requests. Not storing them also skips the cookie parsing
+    that httpx does on every response.
+    """
+
+    def set_cookie(self, cookie: http.cookiejar.Cookie) -> None:
+        return
+
+    def extract_cookies(self, response: Any, request: urllib.request.Request) -> None:
+        return
+
+    def add_cookie_header(self, request: urllib.request.Request) -> None:
+        return
+
+
+def forget_cookies(client: httpx.AsyncClient) -> None:
+    """Give a client a cookie jar that stores nothing (see :class:`NoCookies`)."""
+    client.cookies = NoCookies()  # a jar is kept as it is; a Cookies object would be copied
+
+
+class PerOriginTransport(httpx.AsyncBaseTransport):
+    """One connection pool per upstream origin, found by a dictionary look-up.
+
+    httpx's ``mounts`` match URL patterns one by one on every request; here the origin
+    ``(scheme, host, port)`` selects the pool directly. A pool is made on an origin's first
+    request, so upstreams added at run time get their own too.
+    """
+
+    def __init__(self, *, limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+        self._limits = limits
+        self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def _new_pool(self, scheme: bytes) -> httpx.AsyncHTTPTransport:
+        # httpx builds an SSL context (tens of milliseconds) for every transport unless given
+        # one: build it once, and only when an https upstream needs it.
+        verify: ssl.SSLContext | bool = False
+        if scheme == b"https":
+            if self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context()
+            verify = self._ssl_context
+        return httpx.AsyncHTTPTransport(limits=self._limits, verify=verify)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = (url.raw_scheme, url.raw_host, url.port)
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = self._new_pool(url.raw_scheme)
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools = list(self._pools.values())
+        self._pools.clear()
+        for pool in pools:
+            await pool.aclose()
+
+
+def create_client(
+    *,
+    timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    limits: httpx.Limits = DEFAULT_LIMITS,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> httpx.AsyncClient:
+    """The client a :class:`~asgi_leasttime.LeastTimeProxy` makes when it is given none.
+
+    Per-upstream pools (unless ``transport`` replaces them), explicit timeouts, no cookies, no
+    redirects followed, and no proxy settings read from the environment.
+    """
+    client = httpx.AsyncClient(
+        transport=transport or PerOriginTransport(limits=limits),
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+    )
+    forget_cookies(client)
+    return client

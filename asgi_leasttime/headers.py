@@ -1,0 +1,135 @@
+"""Header rules for both directions of a proxied exchange.
+
+Headers travel as raw ``(name, value)`` byte pairs and are never merged: two ``Set-Cookie`` stay
+two. Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the message, so they
+stop here in both directions, together with every header that ``Connection`` names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["HOP_BY_HOP", "RequestHeaders", "response_headers"]
+
+Headers = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+# The upstream request is re-framed by the client: the client's expectation was answered by the
+# server in front of us (uvicorn sends 100 Continue when the body is first read).
+_REQUEST_ONLY_HOP = HOP_BY_HOP | {b"expect"}
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def _without(headers: Headers, names: frozenset[bytes]) -> Headers:
+    return [(name, value) for name, value in headers if name not in names]
+
+
+def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed."""
+    headers: Headers = []
+    has_connection = False
+    for name, value in raw:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            has_connection = has_connection or lower == b"connection"
+            continue
+        headers.append((lower, value))
+    if has_connection:
+        return _without(headers, _connection_tokens(raw))
+    return headers
+
+
+class RequestHeaders:
+    """Builds the headers sent upstream from the ASGI scope's.
+
+    - hop-by-hop headers and those named by ``Connection`` are removed;
+    - ``Host`` passes through unless ``pass_host_header`` is false (then the client library sets
+      the upstream's own);
+    - ``X-Forwarded-For`` gets the client's address appended, ``X-Forwarded-Proto`` and
+      ``X-Forwarded-Host`` are set. Incoming ``X-Forwarded-*`` and ``X-Real-Ip`` headers are kept
+      only when the client's address is one of ``trusted_proxies`` (addresses or networks);
+      from anyone else they are removed, so a client cannot forge its address.
+    """
+
+    def __init__(
+        self,
+        *,
+        pass_host_header: bool = True,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
+        self.pass_host_header = pass_host_header
+        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+
+    def is_trusted(self, client_host: str | None) -> bool:
+        """Whether forwarding headers from this client address are believed."""
+        if not self.trusted_proxies or client_host is None:
+            return False
+        try:
+            address = ipaddress.ip_address(client_host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted_proxies)
+
+    def __call__(self, scope: dict[str, Any]) -> Headers:
+        """The headers for the upstream request of this scope."""
+        client = scope.get("client")
+        client_host: str | None = client[0] if client else None
+        trusted = self.is_trusted(client_host)
+        headers: Headers = []
+        forwarded_for: list[bytes] = []
+        forwarded_proto = forwarded_host = host = None
+        has_connection = False
+        for name, value in scope["headers"]:
+            if name in _REQUEST_ONLY_HOP:
+                has_connection = has_connection or name == b"connection"
+                continue
+            if name == b"host":
+                host = value
+                if not self.pass_host_header:
+                    continue
+            elif name.startswith(b"x-forwarded-") or name == b"x-real-ip":
+                if not trusted:
+                    continue
+                if name == b"x-forwarded-for":
+                    forwarded_for.append(value)
+                    continue
+                if name == b"x-forwarded-proto":
+                    forwarded_proto = value
+                elif name == b"x-forwarded-host":
+                    forwarded_host = value
+            headers.append((name, value))
+        if has_connection:
+            headers = _without(headers, _connection_tokens(scope["headers"]))
+        if client_host is not None:
+            forwarded_for.append(client_host.encode("latin-1"))
+        if forwarded_for:
+            headers.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+        if forwarded_proto is None:
+            scheme = scope.get("scheme", "http")
+            forwarded_proto = b"https" if scheme in ("https", "wss") else b"http"
+            headers.append((b"x-forwarded-proto", forwarded_proto))
+        if forwarded_host is None and host is not None:
+            headers.append((b"x-forwarded-host", host))
+        return headers

@@ -1,0 +1,243 @@
+"""LeastTimeProxy: the ASGI app that spreads requests over upstreams by least time."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import httpx
+
+from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server
+from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
+from asgi_leasttime.forwarding import (
+    Message,
+    Outcome,
+    Receive,
+    Scope,
+    Send,
+    forward_http,
+    send_error,
+    upstream_target,
+)
+from asgi_leasttime.headers import RequestHeaders
+from asgi_leasttime.upstream import Upstream
+
+__all__ = ["LeastTimeProxy"]
+
+logger = logging.getLogger("asgi_leasttime")
+
+
+class LeastTimeProxy:
+    """An ASGI app that forwards each request to the upstream with the lowest least-time score.
+
+    Use it as the whole app, mount it (``Mount("/api", app=proxy)``; the mount prefix is stripped),
+    or wrap an app with it (``LeastTimeProxy(app, upstreams=...)``): the wrapped app gets the
+    lifespan events and answers the requests that no upstream can take.
+
+    Arguments:
+        app: optional wrapped app (see above).
+        upstreams: URLs or :class:`Upstream` objects.
+        client: an ``httpx.AsyncClient`` to send with. The proxy gives it a cookie jar that stores
+            nothing and never closes it. Without one, the proxy creates its own (per-upstream
+            pools, ``timeout`` and ``limits``) on first use or in ``lifespan``, and closes it.
+        transport: the transport under the client the proxy creates (see
+            :mod:`asgi_leasttime.client`).
+        timeout: ``httpx.Timeout`` for the created client.
+        limits: ``httpx.Limits`` for each upstream's pool in the created client.
+        mode: the balancing mode (``"leasttime"`` or ``"traefik"``).
+        pass_host_header: send the client's ``Host`` upstream (Traefik's default), or the
+            upstream's own.
+        trusted_proxies: addresses or networks whose ``X-Forwarded-*`` headers are kept.
+        balancer: a :class:`Balancer` to use instead of a new one.
+    """
+
+    def __init__(
+        self,
+        app: Any = None,
+        *,
+        upstreams: Sequence[str | Upstream],
+        client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        mode: Mode = "leasttime",
+        pass_host_header: bool = True,
+        trusted_proxies: Iterable[str] = (),
+        balancer: Balancer | None = None,
+    ) -> None:
+        self.app = app
+        self.balancer = balancer or Balancer(mode=mode, wants_health_check=True)
+        self.request_headers = RequestHeaders(
+            pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
+        )
+        self.upstreams: dict[str, Upstream] = {}
+        self._timeout = timeout
+        self._limits = limits
+        self._transport = transport
+        self._client = client
+        self._owns_client = client is None
+        if client is not None:
+            forget_cookies(client)
+        for upstream in upstreams:
+            self.add_upstream(upstream)
+
+    # -- upstreams and status ---------------------------------------------------------------------
+
+    def add_upstream(self, upstream: str | Upstream) -> Upstream:
+        """Add an upstream while the proxy runs; it starts up and cold."""
+        if isinstance(upstream, str):
+            upstream = Upstream(upstream)
+        if upstream.name in self.upstreams:
+            raise ValueError(f"an upstream named {upstream.name!r} is already in this proxy")
+        server = self.balancer.add(upstream.name, weight=upstream.weight, fenced=upstream.fenced)
+        if server is None:
+            return upstream  # weight <= 0: left out, as in Traefik
+        self.upstreams[upstream.name] = upstream
+        child = upstream.app
+        if isinstance(child, LeastTimeProxy):
+            # A balancer of balancers: the child's overall status is this upstream's status.
+            name = upstream.name
+            child.balancer.register_status_updater(lambda up: self.set_status(name, up))
+            if not child.balancer.up:
+                self.balancer.set_status(name, False)
+        return upstream
+
+    def remove_upstream(self, name: str) -> None:
+        """Remove an upstream; its requests in flight finish."""
+        self.balancer.remove(name)
+        del self.upstreams[name]
+
+    def set_status(self, name: str, up: bool) -> None:
+        """Mark an upstream up or down (the in-process health API)."""
+        self.balancer.set_status(name, up)
+
+    # -- the client and the lifespan --------------------------------------------------------------
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The client the proxy sends with; created on first use if none was given."""
+        if self._client is None:
+            self._client = create_client(
+                timeout=self._timeout, limits=self._limits, transport=self._transport
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client if the proxy created it."""
+        if self._owns_client and self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """For ``Starlette(lifespan=proxy.lifespan)``: open on startup, close on shutdown."""
+        _ = self.client
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+            return
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        async with self.lifespan():
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        balancer = self.balancer
+        try:
+            server = balancer.acquire()
+        except NoAvailableServer:
+            if self.app is not None:
+                await self.app(scope, receive, send)
+            else:
+                await send_error(send, 503, "no available server")
+            return
+        try:
+            upstream = self.upstreams[server.name]
+            if upstream.app is not None:
+                await self._forward_in_process(upstream.app, server, scope, receive, send)
+                return
+            try:
+                url = upstream.target_url(upstream_target(scope))
+            except (httpx.InvalidURL, UnicodeError):
+                await send_error(send, 400, "bad request target")
+                return
+            outcome = await forward_http(
+                self.client,
+                url,
+                scope,
+                receive,
+                send,
+                self.request_headers(scope),
+                on_response=lambda outcome: self._record(server, outcome),
+            )
+            if outcome.failed:
+                balancer.record_failure(server)
+        finally:
+            balancer.release(server)
+
+    def _record(self, server: Server, outcome: Outcome) -> None:
+        ttfb = outcome.ttfb or 0.0
+        if outcome.status is not None and outcome.status >= 500:
+            self.balancer.record_failure(server, ttfb)
+        else:
+            self.balancer.record_ttfb(server, ttfb)
+
+    async def _forward_in_process(
+        self, app: Any, server: Server, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        sent_at = time.perf_counter()
+        answered = False
+
+        async def timed_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start" and not answered:
+                answered = True
+                outcome = Outcome()
+                outcome.ttfb = time.perf_counter() - sent_at
+                outcome.status = message["status"]
+                self._record(server, outcome)
+            await send(message)
+
+        await app(dict(scope), receive, timed_send)
+        if not answered:
+            self.balancer.record_failure(server)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from asgi_leasttime.websocket import forward_websocket
+
+        balancer = self.balancer
+        try:
+            server = balancer.acquire()
+        except NoAvailableServer:
+            await send({"type": "websocket.close", "code": 1013, "reason": "no available server"})
+            return
+        try:
+            upstream = self.upstreams[server.name]
+            if upstream.app is not None:
+                await upstream.app(dict(scope), receive, send)
+                return
+            url = upstream.target_url(upstream_target(scope))
+            await forward_websocket(url, scope, receive, send, self.request_headers(scope))
+        finally:
+            balancer.release(server)

@@ -1,0 +1,72 @@
+"""Upstream: one server behind the proxy, reached over HTTP or in-process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+__all__ = ["Upstream"]
+
+
+class Upstream:
+    """One upstream server: a URL, or an ASGI app forwarded in-process.
+
+    Arguments:
+        url: ``http://host:port`` or ``https://...``, optionally with a base path that is put in
+            front of every forwarded path.
+        app: instead of a URL, an ASGI app called in-process (for instance another
+            :class:`~asgi_leasttime.LeastTimeProxy`: a balancer of balancers).
+        name: how the balancer, the status API and the metrics call it; defaults to the URL.
+        weight: share at equal speed; 0 or less leaves the upstream out, as in Traefik.
+        fenced: draining: no new picks, sticky clients still served.
+    """
+
+    __slots__ = ("app", "base_path", "fenced", "name", "url", "weight")
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        app: Any = None,
+        name: str | None = None,
+        weight: float = 1,
+        fenced: bool = False,
+    ) -> None:
+        if (url is None) == (app is None):
+            raise ValueError("an Upstream takes either a url or an app, not both or neither")
+        if app is not None and not name:
+            raise ValueError("an in-process Upstream(app=...) needs a name")
+        self.app = app
+        self.url: httpx.URL | None = None
+        self.base_path = b""
+        if url is not None:
+            parsed = _parse_url(url)
+            self.url = parsed
+            self.base_path = parsed.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        self.name: str = name or str(url)
+        self.weight = weight
+        self.fenced = fenced
+
+    def __repr__(self) -> str:
+        where = f"app={self.app!r}" if self.app is not None else repr(str(self.url))
+        return f"Upstream({where}, name={self.name!r}, weight={self.weight!r})"
+
+    def target_url(self, target: bytes) -> httpx.URL:
+        """The upstream URL for a request target (raw path and query) below the mount."""
+        assert self.url is not None
+        return self.url.copy_with(raw_path=self.base_path + target)
+
+
+def _parse_url(url: str) -> httpx.URL:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"upstream URL {url!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+    if not parsed.host:
+        raise ValueError(f"upstream URL {url!r} has no host")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"upstream URL {url!r} must not have a query or a fragment")
+    return parsed

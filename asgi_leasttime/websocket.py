@@ -1,0 +1,121 @@
+"""WebSocket forwarding: the upstream handshake first, then messages both ways until one closes.
+
+The upstream side uses the ``websockets`` library (the ``websocket`` extra; uvicorn's ``standard``
+extra installs it too): well kept, asyncio-native, and it does its framing in C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import anyio
+import httpx
+
+from asgi_leasttime.forwarding import Receive, Scope, Send
+from asgi_leasttime.headers import Headers
+
+__all__ = ["forward_websocket"]
+
+logger = logging.getLogger("asgi_leasttime")
+
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+"""Largest message accepted from an upstream: uvicorn's own default for its clients."""
+
+# Set by the websocket library itself for the upstream handshake.
+_HANDSHAKE_HEADERS = frozenset(
+    {
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
+)
+
+# Close codes that are never sent on the wire (RFC 6455 section 7.4.1).
+_RESERVED_CODES = frozenset({1005, 1006, 1015})
+
+
+async def forward_websocket(
+    url: httpx.URL, scope: Scope, receive: Receive, send: Send, headers: Headers
+) -> None:
+    """Open the upstream WebSocket, accept the client's with the same subprotocol, relay."""
+    try:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+    except ImportError:
+        logger.error("WebSocket forwarding needs the websockets package: asgi-leasttime[websocket]")
+        await send({"type": "websocket.close", "code": 1011})
+        return
+
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    ws_url = str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws"))
+    subprotocols = scope.get("subprotocols") or None
+    try:
+        upstream = await connect(
+            ws_url,
+            additional_headers=[
+                (n.decode("latin-1"), v.decode("latin-1"))
+                for n, v in headers
+                if n not in _HANDSHAKE_HEADERS
+            ],
+            subprotocols=subprotocols,
+            compression=None,
+            max_size=MAX_MESSAGE_SIZE,
+            open_timeout=10,
+        )
+    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+        logger.warning("WebSocket upstream %s refused: %r", ws_url, exc)
+        await send({"type": "websocket.close", "code": 1011})
+        return
+
+    async def client_to_upstream(cancel: anyio.CancelScope) -> None:
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    await upstream.send(text if text is not None else message.get("bytes") or b"")
+                elif message["type"] == "websocket.disconnect":
+                    code = message.get("code", 1000)
+                    reason = message.get("reason") or ""
+                    await upstream.close(1000 if code in _RESERVED_CODES else code, reason)
+                    cancel.cancel()
+                    return
+        except ConnectionClosed:
+            pass  # the upstream closed first: the other direction tells the client
+
+    async def upstream_to_client(cancel: anyio.CancelScope) -> None:
+        try:
+            async for data in upstream:
+                if isinstance(data, str):
+                    await send({"type": "websocket.send", "text": data})
+                else:
+                    await send({"type": "websocket.send", "bytes": data})
+        except ConnectionClosed:
+            pass
+        code = upstream.close_code
+        if code is None or code in _RESERVED_CODES:
+            code = 1000 if code == 1005 else 1011  # no status given, or closed abnormally
+        await _close_client(send, code, upstream.close_reason or "")
+        cancel.cancel()
+
+    try:
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client_to_upstream, tg.cancel_scope)
+            tg.start_soon(upstream_to_client, tg.cancel_scope)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await upstream.close()
+
+
+async def _close_client(send: Send, code: int, reason: str) -> None:
+    message: dict[str, Any] = {"type": "websocket.close", "code": code, "reason": reason}
+    with contextlib.suppress(OSError, RuntimeError):  # the client is gone or already closed
+        await send(message)

@@ -1,0 +1,218 @@
+"""Real uvicorn servers on 127.0.0.1 for the tests, and the upstream app they serve."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+import anyio
+import uvicorn
+
+Scope = dict[str, Any]
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Poll another component's state until ``condition()`` holds; fail after ``limit`` s."""
+    with anyio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 - the state has no event to wait on
+            await anyio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def running(app: Any, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on an ephemeral loopback port; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    options.setdefault("lifespan", "off")
+    options.setdefault("log_level", "warning")
+    options.setdefault("timeout_graceful_shutdown", 2)
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default and rewrites scope["client"]:
+    # the tests' clients are all on 127.0.0.1, and the proxy's own header rules are under test.
+    options.setdefault("proxy_headers", False)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        await wait_until(lambda: server.started)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+    sock.close()
+
+
+@contextlib.asynccontextmanager
+async def running_many(*apps: Any) -> AsyncIterator[list[str]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(running(app)) for app in apps]
+
+
+class UpstreamApp:
+    """A raw ASGI upstream whose routes each show one thing a proxy can get wrong.
+
+    Every response carries ``x-upstream: <name>``. ``delay`` (seconds) is added before each
+    answer's headers; ``fail_with`` answers every request with that status.
+    """
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.name = name
+        self.delay = delay
+        self.fail_with: int | None = None
+        self.requests = 0
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            await self.websocket(scope, receive, send)
+            return
+        assert scope["type"] == "http"
+        self.requests += 1
+        query = parse_qs(scope["query_string"].decode())
+        path = scope["path"]
+        delay = float(query.get("delay", [self.delay])[0])
+        if delay:
+            await anyio.sleep(delay)
+        if self.fail_with is not None:
+            await self.respond(send, self.fail_with, b"failing")
+            return
+        route = path.rsplit("/", 1)[-1] if path.startswith("/r/") else "echo"
+        await getattr(self, "route_" + route.replace("-", "_"), self.route_echo)(
+            scope, receive, send, query
+        )
+
+    async def respond(
+        self,
+        send: Any,
+        status: int,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    ) -> None:
+        head = [(b"x-upstream", self.name.encode()), *headers]
+        if status not in (204, 304):
+            head.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send(
+            {"type": "http.response.body", "body": body if status not in (204, 304) else b""}
+        )
+
+    async def read_body(self, receive: Any) -> bytes:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def route_echo(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        body = await self.read_body(receive)
+        info = {
+            "upstream": self.name,
+            "method": scope["method"],
+            "path": scope["path"],
+            "raw_path": scope["raw_path"].decode("latin-1"),
+            "query_string": scope["query_string"].decode("latin-1"),
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]],
+            "body": body.decode("latin-1"),
+        }
+        await self.respond(
+            send, 200, json.dumps(info).encode(), [(b"content-type", b"application/json")]
+        )
+
+    async def route_upload(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        digest, size = hashlib.sha256(), 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            digest.update(chunk)
+            size += len(chunk)
+            if not message.get("more_body"):
+                break
+        await self.respond(send, 200, f"{size} {digest.hexdigest()}".encode())
+
+    async def route_status(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        await self.respond(send, int(query["code"][0]), b"status body")
+
+    async def route_cookies(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        cookie = dict(scope["headers"]).get(b"cookie", b"")
+        await self.respond(
+            send,
+            200,
+            cookie,
+            [
+                (b"set-cookie", b"session=" + query["user"][0].encode() + b"; Path=/"),
+                (b"set-cookie", b"theme=dark; Path=/"),
+            ],
+        )
+
+    async def route_gzip(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        body = gzip.compress(b"compressed " * 1000, mtime=0)
+        await self.respond(send, 200, body, [(b"content-encoding", b"gzip")])
+
+    async def route_hop(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        await self.respond(
+            send,
+            200,
+            b"hop",
+            [
+                (b"connection", b"x-private"),
+                (b"x-private", b"secret"),
+                (b"keep-alive", b"timeout=5"),
+                (b"x-public", b"kept"),
+            ],
+        )
+
+    async def route_stream(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        chunks = int(query.get("chunks", ["10"])[0])
+        size = int(query.get("size", ["1024"])[0])
+        pause = float(query.get("pause", ["0"])[0])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"x-upstream", self.name.encode())],
+            }
+        )
+        chunk = b"x" * size
+        for _ in range(chunks):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if pause:
+                await anyio.sleep(pause)
+        await send({"type": "http.response.body", "body": b""})
+
+    async def route_die(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        head = [(b"content-length", b"1000")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        raise RuntimeError("upstream dies mid-body (on purpose)")
+
+    async def route_hang(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await anyio.sleep(30)
+
+    async def websocket(self, scope: Scope, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        subprotocols = scope.get("subprotocols") or []
+        await send(
+            {"type": "websocket.accept", "subprotocol": subprotocols[-1] if subprotocols else None}
+        )
+        query = scope["query_string"].decode()
+        await send({"type": "websocket.send", "text": f"hello from {self.name} q={query}"})
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is not None and text.startswith("close:"):
+                await send({"type": "websocket.close", "code": int(text[6:]), "reason": "asked"})
+                return
+            if text is not None:
+                await send({"type": "websocket.send", "text": "echo:" + text})
+            else:
+                await send({"type": "websocket.send", "bytes": message["bytes"][::-1]})
