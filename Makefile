@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest docs bench clean
+.PHONY: demo test lint types pytest docs bench bench-proxy bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .pytest_cache .ruff_cache
+
+# Load benchmarks: need nginx, wrk and curl (apt-get install nginx-light wrk curl).
+bench-proxy: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	cd benchmarks && ../$(BIN)/python proxy.py
+
+bench-streaming: $(STAMP)
+	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
+	cd benchmarks && ../$(BIN)/python streaming.py

@@ -66,6 +66,7 @@ class UpstreamApp:
         self.delay = delay
         self.fail_with: int | None = None
         self.requests = 0
+        self.streaming = 0  # streams in progress: one the proxy abandoned must end here too
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -171,19 +172,30 @@ class UpstreamApp:
         chunks = int(query.get("chunks", ["10"])[0])
         size = int(query.get("size", ["1024"])[0])
         pause = float(query.get("pause", ["0"])[0])
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"x-upstream", self.name.encode())],
-            }
-        )
+        head = [(b"x-upstream", self.name.encode())]
         chunk = b"x" * size
-        for _ in range(chunks):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if pause:
-                await anyio.sleep(pause)
-        await send({"type": "http.response.body", "body": b""})
+
+        async def stream(cancel: anyio.CancelScope) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            for _ in range(chunks):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if pause:
+                    await anyio.sleep(pause)
+            await send({"type": "http.response.body", "body": b""})
+            cancel.cancel()
+
+        async def stop_when_the_proxy_leaves(cancel: anyio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel.cancel()
+
+        self.streaming += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream, tg.cancel_scope)
+                tg.start_soon(stop_when_the_proxy_leaves, tg.cancel_scope)
+        finally:
+            self.streaming -= 1
 
     async def route_die(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
         head = [(b"content-length", b"1000")]

@@ -358,6 +358,7 @@ async def test_client_leaving_mid_download_releases_everything() -> None:
             async with client.stream("GET", "/r/stream?chunks=1000&size=65536&pause=0.001") as r:
                 await r.aiter_raw().__anext__()
         assert await settled(proxy) == [0]
+        await wait_until(lambda: app.streaming == 0)  # upstream connections closed too
         responses = [await client.get("/") for _ in range(10)]
     assert [r.status_code for r in responses] == [200] * 10
 

@@ -1,0 +1,95 @@
+"""The proxies a benchmark compares, as uvicorn app factories.
+
+Each reads its upstream URLs from ``BENCH_UPSTREAMS`` (comma-separated) and is run by
+``uvicorn --factory benchmarks.apps:NAME``. Peers that forward to one base URL only (asgiproxy,
+fastapi-proxy-lib) get the first upstream; the minimal proxies rotate over all of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+Scope = dict[str, Any]
+
+
+def upstreams() -> list[str]:
+    return os.environ["BENCH_UPSTREAMS"].split(",")
+
+
+def ours() -> Any:
+    from asgi_leasttime import LeastTimeProxy
+
+    return LeastTimeProxy(upstreams=upstreams())
+
+
+def minimal_httpx() -> Any:
+    """The least a raw-ASGI proxy on one shared httpx client does: the httpx baseline."""
+    import httpx
+
+    client = httpx.AsyncClient(timeout=60)
+    targets = itertools.cycle(upstreams())
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        url = next(targets) + scope["raw_path"].decode()
+        request = client.build_request(scope["method"], url)
+        response = await client.send(request, stream=True)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": response.headers.raw,
+            }
+        )
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        await response.aclose()
+
+    return app
+
+
+def minimal_aiohttp() -> Any:
+    """The least a raw-ASGI proxy on an aiohttp session does: the fastest Python baseline."""
+    import aiohttp
+
+    session: list[aiohttp.ClientSession] = []
+    targets = itertools.cycle(upstreams())
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if not session:
+            connector = aiohttp.TCPConnector(limit=0)
+            session.append(aiohttp.ClientSession(connector=connector, auto_decompress=False))
+        url = next(targets) + scope["raw_path"].decode()
+        async with session[0].request(scope["method"], url) as response:
+            headers = [(name.lower(), value) for name, value in response.raw_headers]
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": headers}
+            )
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
+def asgiproxy_app() -> Any:
+    from asgiproxy.config import BaseURLProxyConfigMixin, ProxyConfig
+    from asgiproxy.context import ProxyContext
+    from asgiproxy.simple_proxy import make_simple_proxy_app
+
+    config = type(
+        "Config", (BaseURLProxyConfigMixin, ProxyConfig), {"upstream_base_url": upstreams()[0]}
+    )()
+    return make_simple_proxy_app(ProxyContext(config))
+
+
+def fastapi_proxy_lib_app() -> Any:
+    from fastapi_proxy_lib.fastapi.app import reverse_http_app
+
+    return reverse_http_app(base_url=upstreams()[0] + "/")

@@ -1,0 +1,188 @@
+"""What the benchmarks share: nginx upstreams, proxies under uvicorn, wrk, and peak RSS.
+
+Everything listens on 127.0.0.1. Nothing is installed here: a missing tool is named and the run
+stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(*tools: str) -> None:
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)} (Debian: apt-get install nginx-light wrk)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, limit: float = 10.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {limit} s")
+
+
+@contextlib.contextmanager
+def nginx(config_body: str, workers: int = 1) -> Iterator[Path]:
+    """Run an nginx with its own config, pid file and temp dirs; yields its directory."""
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory:
+        path = Path(directory)
+        (path / "nginx.conf").write_text(
+            f"""
+worker_processes {workers};
+pid {path}/nginx.pid;
+error_log {path}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {path}/body;
+    proxy_temp_path {path}/proxy;
+    fastcgi_temp_path {path}/fastcgi;
+    uwsgi_temp_path {path}/uwsgi;
+    scgi_temp_path {path}/scgi;
+    keepalive_requests 1000000;
+    {config_body}
+}}
+"""
+        )
+        process = subprocess.Popen(
+            ["nginx", "-p", str(path), "-c", str(path / "nginx.conf"), "-g", "daemon off;"]
+        )
+        try:
+            yield path
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def nginx_upstreams(ports: list[int], files: Path | None = None) -> str:
+    """Server blocks answering ``ok`` (and serving ``files`` under /files/, for streaming)."""
+    root = f"location /files/ {{ alias {files}/; sendfile on; }}" if files else ""
+    return "\n".join(
+        f'server {{ listen 127.0.0.1:{port}; {root} location / {{ return 200 "ok"; }} }}'
+        for port in ports
+    )
+
+
+@contextlib.contextmanager
+def uvicorn_app(factory: str, upstreams: list[str], port: int) -> Iterator[int]:
+    """One uvicorn worker (uvloop and httptools where installed) serving an app factory."""
+    env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(ROOT))
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--timeout-keep-alive",
+        "30",
+    ]
+    process = subprocess.Popen(command, env=env, cwd=ROOT)
+    try:
+        wait_for_port(port)
+        yield process.pid
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's high-water resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, connections: int, seconds: float) -> WrkResult:
+    threads = min(2, connections)
+    output = subprocess.run(
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return WrkResult(rps, p50, p99, errors + (int(non_2xx.group(1)) if non_2xx else 0))
+
+
+def median_result(results: list[WrkResult]) -> WrkResult:
+    return WrkResult(
+        statistics.median(r.rps for r in results),
+        statistics.median(r.p50_ms for r in results),
+        statistics.median(r.p99_ms for r in results),
+        sum(r.errors for r in results),
+    )
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

@@ -1,0 +1,127 @@
+"""Requests per second through each proxy, against three nginx upstreams, in one run.
+
+    python benchmarks/proxy.py [--seconds 10] [--rounds 3] [--only ours,asgiproxy]
+
+Needs nginx and wrk (Debian: nginx-light, wrk) and the peers in benchmarks/requirements.txt.
+Everything runs on 127.0.0.1 and shares this machine's cores: read the ratios, which are measured
+in the same run, rather than the absolute figures. Targets are measured in alternation, round
+after round, and each figure is the median of the rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+from collections import defaultdict
+
+from harness import (
+    WrkResult,
+    free_port,
+    machine,
+    median_result,
+    nginx,
+    nginx_upstreams,
+    require,
+    uvicorn_app,
+    wait_for_port,
+    wrk,
+)
+
+PYTHON_PROXIES = {
+    "asgi-leasttime": "benchmarks.apps:ours",
+    "asgiproxy 0.2 (aiohttp)": "benchmarks.apps:asgiproxy_app",
+    "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",
+    "minimal raw-ASGI proxy, aiohttp": "benchmarks.apps:minimal_aiohttp",
+    "minimal raw-ASGI proxy, httpx": "benchmarks.apps:minimal_httpx",
+}
+CONNECTIONS = (1, 8, 64)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated names of Python proxies to run")
+    args = parser.parse_args()
+    require("nginx", "wrk")
+    proxies = {
+        name: factory
+        for name, factory in PYTHON_PROXIES.items()
+        if not args.only or any(part in name for part in args.only.split(","))
+    }
+
+    ports = [free_port() for _ in range(3)]
+    upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+    nginx_port = free_port()
+    balancer = (
+        "upstream pool { least_conn; "
+        + " ".join(f"server 127.0.0.1:{p};" for p in ports)
+        + " keepalive 128; }"
+        f" server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool;"
+        ' proxy_http_version 1.1; proxy_set_header Connection ""; } }'
+    )
+    results: dict[str, dict[int, list[WrkResult]]] = defaultdict(lambda: defaultdict(list))
+    with contextlib.ExitStack() as stack:
+        for port in ports:  # three upstreams, one nginx worker each
+            stack.enter_context(nginx(nginx_upstreams([port])))
+        stack.enter_context(nginx(balancer))
+        for port in (*ports, nginx_port):
+            wait_for_port(port)
+        fixed = {
+            "direct to one upstream": upstreams[0],
+            "nginx least_conn": f"http://127.0.0.1:{nginx_port}",
+        }
+        for round_number in range(1, args.rounds + 1):
+            print(f"round {round_number}/{args.rounds}", flush=True)
+            for name, url in fixed.items():
+                for connections in CONNECTIONS:
+                    results[name][connections].append(wrk(url + "/", connections, args.seconds))
+            for name, factory in proxies.items():
+                port = free_port()
+                with uvicorn_app(factory, upstreams, port):
+                    url = f"http://127.0.0.1:{port}/"
+                    wrk(url, 8, 1.0)  # warm up: connections, imports, caches
+                    for connections in CONNECTIONS:
+                        results[name][connections].append(wrk(url, connections, args.seconds))
+                print(f"  {name}: done", flush=True)
+    report(results, args)
+
+
+def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namespace) -> None:
+    medians = {
+        name: {c: median_result(r) for c, r in by_c.items()} for name, by_c in results.items()
+    }
+    today = datetime.date.today().isoformat()
+    print(f"\n## Requests per second, {today}\n")
+    print(f"{machine()}; wrk {args.seconds:g} s per figure, median of {args.rounds} rounds.\n")
+    print("| target | c1 | c8 | c64 | c64 p50 / p99 ms | c1 p50 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for name, by_c in medians.items():
+        c1, c8, c64 = (by_c[c] for c in CONNECTIONS)
+        errors = sum(r.errors for r in by_c.values())
+        print(
+            f"| {name} | {c1.rps:,.0f} | {c8.rps:,.0f} | {c64.rps:,.0f} "
+            f"| {c64.p50_ms:.2f} / {c64.p99_ms:.2f} | {c1.p50_ms:.3f} | {errors} |"
+        )
+    ours = medians.get("asgi-leasttime")
+    if ours is None:
+        return
+    print()
+    for peer in (
+        "asgiproxy 0.2 (aiohttp)",
+        "minimal raw-ASGI proxy, aiohttp",
+        "minimal raw-ASGI proxy, httpx",
+    ):
+        if peer in medians:
+            for c in (8, 64):
+                print(f"- ours / {peer} at c{c}: {ours[c].rps / medians[peer][c].rps:.2f}x")
+    nginx_c64 = medians["nginx least_conn"][64].rps
+    share = ours[64].rps / nginx_c64
+    print(f"- ours / nginx least_conn at c64: {share:.3f} (1/{1 / share:.1f})")
+    added = ours[1].p50_ms - medians["direct to one upstream"][1].p50_ms
+    print(f"- latency added over direct at c1 (p50): {added:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
