@@ -2,6 +2,7 @@
 
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server, UnknownServer
 from asgi_leasttime.proxy import LeastTimeProxy
+from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "Mode",
     "NoAvailableServer",
     "Server",
+    "StickyCookie",
     "UnknownServer",
     "Upstream",
     "__version__",

@@ -284,6 +284,10 @@ class Balancer:
         except KeyError:
             raise UnknownServer(name) from None
 
+    def get(self, name: str) -> Server | None:
+        """The server of that name, or ``None``."""
+        return self._servers.get(name)
+
     def __contains__(self, name: object) -> bool:
         return name in self._servers
 

@@ -22,7 +22,8 @@ from asgi_leasttime.forwarding import (
     send_error,
     upstream_target,
 )
-from asgi_leasttime.headers import RequestHeaders
+from asgi_leasttime.headers import Headers, RequestHeaders
+from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
 __all__ = ["LeastTimeProxy"]
@@ -47,6 +48,8 @@ class LeastTimeProxy:
             :mod:`asgi_leasttime.client`).
         timeout: ``httpx.Timeout`` for the created client.
         limits: ``httpx.Limits`` for each upstream's pool in the created client.
+        name: the proxy's name: in logs, and the default sticky cookie name.
+        sticky: a :class:`StickyCookie` to keep clients on the upstream that served them.
         mode: the balancing mode (``"leasttime"`` or ``"traefik"``).
         pass_host_header: send the client's ``Host`` upstream (Traefik's default), or the
             upstream's own.
@@ -63,12 +66,18 @@ class LeastTimeProxy:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
         limits: httpx.Limits = DEFAULT_LIMITS,
+        name: str = "leasttime",
+        sticky: StickyCookie | None = None,
         mode: Mode = "leasttime",
         pass_host_header: bool = True,
         trusted_proxies: Iterable[str] = (),
         balancer: Balancer | None = None,
     ) -> None:
         self.app = app
+        self.name = name
+        self.sticky = sticky
+        if sticky is not None:
+            sticky.bind(name, ())
         self.balancer = balancer or Balancer(mode=mode, wants_health_check=True)
         self.request_headers = RequestHeaders(
             pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
@@ -96,6 +105,8 @@ class LeastTimeProxy:
         if server is None:
             return upstream  # weight <= 0: left out, as in Traefik
         self.upstreams[upstream.name] = upstream
+        if self.sticky is not None:
+            self.sticky.add_server(upstream.name)
         child = upstream.app
         if isinstance(child, LeastTimeProxy):
             # A balancer of balancers: the child's overall status is this upstream's status.
@@ -109,6 +120,8 @@ class LeastTimeProxy:
         """Remove an upstream; its requests in flight finish."""
         self.balancer.remove(name)
         del self.upstreams[name]
+        if self.sticky is not None:
+            self.sticky.remove_server(name)
 
     def set_status(self, name: str, up: bool) -> None:
         """Mark an upstream up or down (the in-process health API)."""
@@ -162,10 +175,26 @@ class LeastTimeProxy:
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
 
+    def _choose(self, scope: Scope) -> tuple[Server, Headers | None]:
+        """The server for this request, counted in flight, and a Set-Cookie to send if any.
+
+        A valid sticky cookie naming an up server (fenced or not) wins; otherwise a pick.
+        Raises :class:`NoAvailableServer`.
+        """
+        balancer, sticky = self.balancer, self.sticky
+        if sticky is None:
+            return balancer.acquire(), None
+        name = sticky.server_from(scope["headers"])
+        server = balancer.get(name) if name is not None else None
+        if server is not None and server.up:
+            balancer.track(server)  # sticky traffic weighs on the scores too
+            return server, [sticky.set_cookie_header(server.name)] if sticky.sliding else None
+        server = balancer.acquire()
+        return server, [sticky.set_cookie_header(server.name)]
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        balancer = self.balancer
         try:
-            server = balancer.acquire()
+            server, set_cookie = self._choose(scope)
         except NoAvailableServer:
             if self.app is not None:
                 await self.app(scope, receive, send)
@@ -175,7 +204,9 @@ class LeastTimeProxy:
         try:
             upstream = self.upstreams[server.name]
             if upstream.app is not None:
-                await self._forward_in_process(upstream.app, server, scope, receive, send)
+                await self._forward_in_process(
+                    upstream.app, server, scope, receive, send, set_cookie
+                )
                 return
             try:
                 url = upstream.target_url(upstream_target(scope))
@@ -189,12 +220,13 @@ class LeastTimeProxy:
                 receive,
                 send,
                 self.request_headers(scope),
+                extra_response_headers=set_cookie,
                 on_response=lambda outcome: self._record(server, outcome),
             )
             if outcome.failed:
-                balancer.record_failure(server)
+                self.balancer.record_failure(server)
         finally:
-            balancer.release(server)
+            self.balancer.release(server)
 
     def _record(self, server: Server, outcome: Outcome) -> None:
         ttfb = outcome.ttfb or 0.0
@@ -204,7 +236,13 @@ class LeastTimeProxy:
             self.balancer.record_ttfb(server, ttfb)
 
     async def _forward_in_process(
-        self, app: Any, server: Server, scope: Scope, receive: Receive, send: Send
+        self,
+        app: Any,
+        server: Server,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        set_cookie: Headers | None,
     ) -> None:
         sent_at = time.perf_counter()
         answered = False
@@ -217,6 +255,8 @@ class LeastTimeProxy:
                 outcome.ttfb = time.perf_counter() - sent_at
                 outcome.status = message["status"]
                 self._record(server, outcome)
+                if set_cookie:
+                    message = {**message, "headers": [*message.get("headers", ()), *set_cookie]}
             await send(message)
 
         await app(dict(scope), receive, timed_send)
@@ -228,7 +268,7 @@ class LeastTimeProxy:
 
         balancer = self.balancer
         try:
-            server = balancer.acquire()
+            server, _ = self._choose(scope)
         except NoAvailableServer:
             await send({"type": "websocket.close", "code": 1013, "reason": "no available server"})
             return

@@ -162,8 +162,12 @@ def wrk(url: str, connections: int, seconds: float) -> WrkResult:
         check=True,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    p50_match = re.search(r"^\s+50%\s+([\d.]+(?:us|ms|s))$", output, re.M)
+    p99_match = re.search(r"^\s+99%\s+([\d.]+(?:us|ms|s))$", output, re.M)
+    if p50_match is None or p99_match is None:  # no request completed
+        print(output, file=sys.stderr)
+        return WrkResult(rps, float("nan"), float("nan"), 1)
+    p50, p99 = _ms(p50_match.group(1)), _ms(p99_match.group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return WrkResult(rps, p50, p99, errors + (int(non_2xx.group(1)) if non_2xx else 0))

@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -228,3 +230,27 @@ class UpstreamApp:
                 await send({"type": "websocket.send", "text": "echo:" + text})
             else:
                 await send({"type": "websocket.send", "bytes": message["bytes"][::-1]})
+
+
+@contextlib.contextmanager
+def running_in_thread(app: Any, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread of its own, for synchronous tests (hypothesis)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    options.setdefault("log_level", "warning")
+    options.setdefault("proxy_headers", False)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start in 5 s")
+        time.sleep(0.005)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
