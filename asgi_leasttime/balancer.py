@@ -325,6 +325,14 @@ class Balancer:
         self[name]._fenced = fenced
         self._membership_changed(self.up)
 
+    def set_weight(self, name: str, weight: float) -> None:
+        """Change a server's weight; its samples and counters are kept."""
+        if weight <= 0:
+            raise ValueError("a weight must be positive; remove() takes a server out")
+        server = self[name]
+        server._weight = float(weight)
+        self._rescore(server)
+
     def register_status_updater(self, updater: Callable[[bool], None]) -> None:
         """Call ``updater(up)`` whenever the balancer as a whole goes up or down.
 

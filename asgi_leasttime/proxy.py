@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
+import anyio
+import anyio.abc
 import httpx
 
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server
@@ -23,6 +25,8 @@ from asgi_leasttime.forwarding import (
     upstream_target,
 )
 from asgi_leasttime.headers import Headers, RequestHeaders
+from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
+from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
@@ -50,6 +54,9 @@ class LeastTimeProxy:
         limits: ``httpx.Limits`` for each upstream's pool in the created client.
         name: the proxy's name: in logs, and the default sticky cookie name.
         sticky: a :class:`StickyCookie` to keep clients on the upstream that served them.
+        health_check: a :class:`HealthCheck` to probe every URL upstream actively.
+        passive_health_check: a :class:`PassiveHealthCheck` to mark upstreams down from the
+            proxy's own failed requests.
         mode: the balancing mode (``"leasttime"`` or ``"traefik"``).
         pass_host_header: send the client's ``Host`` upstream (Traefik's default), or the
             upstream's own.
@@ -68,6 +75,8 @@ class LeastTimeProxy:
         limits: httpx.Limits = DEFAULT_LIMITS,
         name: str = "leasttime",
         sticky: StickyCookie | None = None,
+        health_check: HealthCheck | None = None,
+        passive_health_check: PassiveHealthCheck | None = None,
         mode: Mode = "leasttime",
         pass_host_header: bool = True,
         trusted_proxies: Iterable[str] = (),
@@ -78,7 +87,14 @@ class LeastTimeProxy:
         self.sticky = sticky
         if sticky is not None:
             sticky.bind(name, ())
-        self.balancer = balancer or Balancer(mode=mode, wants_health_check=True)
+        self.health_check = health_check
+        self.passive_health_check = passive_health_check
+        if passive_health_check is not None:
+            passive_health_check.active_recovery = health_check is not None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self.balancer = (
+            balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
+        )
         self.request_headers = RequestHeaders(
             pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
         )
@@ -107,6 +123,8 @@ class LeastTimeProxy:
         self.upstreams[upstream.name] = upstream
         if self.sticky is not None:
             self.sticky.add_server(upstream.name)
+        if self._task_group is not None:
+            self._watch(upstream, self._task_group)
         child = upstream.app
         if isinstance(child, LeastTimeProxy):
             # A balancer of balancers: the child's overall status is this upstream's status.
@@ -127,6 +145,23 @@ class LeastTimeProxy:
         """Mark an upstream up or down (the in-process health API)."""
         self.balancer.set_status(name, up)
 
+    def set_fenced(self, name: str, fenced: bool) -> None:
+        """Drain an upstream (no new picks, sticky clients still served) or take it back."""
+        self.balancer.set_fenced(name, fenced)
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """Change an upstream's weight; its statistics are kept."""
+        self.balancer.set_weight(name, weight)
+        self.upstreams[name].weight = weight
+
+    def upstream_status(self) -> list[UpstreamStatus]:
+        """Every upstream with its status and statistics, in the order they were added."""
+        return [
+            UpstreamStatus.of(upstream, server)
+            for upstream in self.upstreams.values()
+            if (server := self.balancer.get(upstream.name)) is not None
+        ]
+
     # -- the client and the lifespan --------------------------------------------------------------
 
     @property
@@ -146,12 +181,34 @@ class LeastTimeProxy:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
-        """For ``Starlette(lifespan=proxy.lifespan)``: open on startup, close on shutdown."""
-        _ = self.client
-        try:
-            yield
-        finally:
-            await self.aclose()
+        """For ``Starlette(lifespan=proxy.lifespan)``: open the client and start the health
+        checks (and those of in-process child proxies) on startup; stop and close on shutdown."""
+        async with contextlib.AsyncExitStack() as stack:
+            _ = self.client
+            stack.push_async_callback(self.aclose)
+            for upstream in self.upstreams.values():
+                if isinstance(upstream.app, LeastTimeProxy):
+                    await stack.enter_async_context(upstream.app.lifespan())
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            for upstream in self.upstreams.values():
+                self._watch(upstream, task_group)
+            self._task_group = task_group
+            try:
+                yield
+            finally:
+                self._task_group = None
+                task_group.cancel_scope.cancel()
+
+    def _watch(self, upstream: Upstream, task_group: anyio.abc.TaskGroup) -> None:
+        if self.health_check is not None and upstream.url is not None:
+            task_group.start_soon(
+                watch_upstream,
+                self.health_check,
+                self.balancer,
+                upstream,
+                lambda: self.client,
+                lambda: self.upstreams.get(upstream.name) is upstream,
+            )
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.app is not None:
@@ -181,7 +238,9 @@ class LeastTimeProxy:
         A valid sticky cookie naming an up server (fenced or not) wins; otherwise a pick.
         Raises :class:`NoAvailableServer`.
         """
-        balancer, sticky = self.balancer, self.sticky
+        balancer, sticky, passive = self.balancer, self.sticky, self.passive_health_check
+        if passive is not None and passive.next_return <= balancer.clock():
+            passive.restore_due(balancer)
         if sticky is None:
             return balancer.acquire(), None
         name = sticky.server_from(scope["headers"])
@@ -225,15 +284,20 @@ class LeastTimeProxy:
             )
             if outcome.failed:
                 self.balancer.record_failure(server)
+                if self.passive_health_check is not None:
+                    self.passive_health_check.record(self.balancer, server, failed=True)
         finally:
             self.balancer.release(server)
 
     def _record(self, server: Server, outcome: Outcome) -> None:
         ttfb = outcome.ttfb or 0.0
-        if outcome.status is not None and outcome.status >= 500:
+        failed = outcome.status is not None and outcome.status >= 500
+        if failed:
             self.balancer.record_failure(server, ttfb)
         else:
             self.balancer.record_ttfb(server, ttfb)
+        if self.passive_health_check is not None:
+            self.passive_health_check.record(self.balancer, server, failed)
 
     async def _forward_in_process(
         self,
@@ -262,6 +326,8 @@ class LeastTimeProxy:
         await app(dict(scope), receive, timed_send)
         if not answered:
             self.balancer.record_failure(server)
+            if self.passive_health_check is not None:
+                self.passive_health_check.record(self.balancer, server, failed=True)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         from asgi_leasttime.websocket import forward_websocket

@@ -27,11 +27,11 @@ async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(app: Any, **options: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on an ephemeral loopback port; yields its base URL."""
+async def running(app: Any, port: int = 0, **options: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn on a loopback port (ephemeral by default); yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     options.setdefault("lifespan", "off")
     options.setdefault("log_level", "warning")
@@ -47,6 +47,10 @@ async def running(app: Any, **options: Any) -> AsyncIterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             server.should_exit = True
+    # Like a process that exits: connections still open after the graceful shutdown die with it
+    # (in a shared event loop they would otherwise keep serving).
+    for connection in list(server.server_state.connections):
+        connection.transport.abort()  # type: ignore[attr-defined]
     sock.close()
 
 
@@ -69,12 +73,20 @@ class UpstreamApp:
         self.fail_with: int | None = None
         self.requests = 0
         self.streaming = 0  # streams in progress: one the proxy abandoned must end here too
+        self.health_status = 200  # what /health answers
+        self.health_delay = 0.0  # how long /health takes to answer
+        self.probes: list[float] = []  # when each /health probe arrived (monotonic)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
             await self.websocket(scope, receive, send)
             return
         assert scope["type"] == "http"
+        if scope["path"] == "/health":
+            self.probes.append(time.monotonic())
+            await anyio.sleep(self.health_delay)
+            await self.respond(send, self.health_status, b"health")
+            return
         self.requests += 1
         query = parse_qs(scope["query_string"].decode())
         path = scope["path"]

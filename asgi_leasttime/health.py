@@ -1,0 +1,188 @@
+"""Health: active probes and passive failure counting, both ending in ``Balancer.set_status``.
+
+The active check probes every upstream on its own schedule, concurrently, as anyio tasks that live
+as long as the proxy's lifespan. The passive check watches the proxy's own traffic: an upstream
+that fails ``max_failed_attempts`` times within ``failure_window`` seconds is marked down, and comes
+back after ``failure_window`` unless an active check is there to bring it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+
+if TYPE_CHECKING:
+    from asgi_leasttime.balancer import Balancer, Server
+    from asgi_leasttime.upstream import Upstream
+
+__all__ = ["HealthCheck", "PassiveHealthCheck"]
+
+logger = logging.getLogger("asgi_leasttime")
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active health checks, with Traefik's options and defaults.
+
+    Arguments:
+        path: the path probed on every upstream (below the upstream URL's own path).
+        scheme: ``"http"`` or ``"https"`` instead of the upstream's.
+        port: a port instead of the upstream's.
+        method: the probe's method.
+        hostname: the ``Host`` header of the probe, instead of the upstream's.
+        headers: extra headers for the probe.
+        follow_redirects: follow redirects before judging the status.
+        status: the status that means healthy; 0 accepts any 2xx or 3xx.
+        interval: seconds between probes of a healthy upstream.
+        timeout: seconds a probe may take in all before it counts as failed.
+        unhealthy_interval: seconds between probes of an unhealthy upstream; ``interval`` if
+            ``None``.
+    """
+
+    path: str = "/health"
+    scheme: str | None = None
+    port: int | None = None
+    method: str = "GET"
+    hostname: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    follow_redirects: bool = True
+    status: int = 0
+    interval: float = 30.0
+    timeout: float = 5.0
+    unhealthy_interval: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"health check path must start with '/', not {self.path!r}")
+        if self.scheme not in (None, "http", "https"):
+            raise ValueError(f"health check scheme must be 'http' or 'https', not {self.scheme!r}")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ValueError(f"health check port {self.port} is not a TCP port")
+        if self.status != 0 and not 100 <= self.status <= 599:
+            raise ValueError(f"health check status {self.status} is not an HTTP status")
+        for name in ("interval", "timeout", "unhealthy_interval"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"health check {name} must be a positive number of seconds")
+
+    def url_for(self, upstream_url: httpx.URL) -> httpx.URL:
+        """The probe URL for an upstream."""
+        base = upstream_url.raw_path.split(b"?", 1)[0].rstrip(b"/")
+        url = upstream_url.copy_with(raw_path=base + self.path.encode())
+        if self.scheme is not None:
+            url = url.copy_with(scheme=self.scheme)
+        if self.port is not None:
+            url = url.copy_with(port=self.port)
+        return url
+
+    def is_healthy(self, status: int) -> bool:
+        """Whether a probe's final status means healthy."""
+        return status == self.status if self.status else 200 <= status < 400
+
+
+async def probe(check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL) -> bool:
+    """One probe: healthy or not. Never raises for what the upstream does."""
+    headers = dict(check.headers)
+    if check.hostname is not None:
+        headers["host"] = check.hostname
+    with anyio.move_on_after(check.timeout):
+        try:
+            response = await client.request(
+                check.method,
+                url,
+                headers=headers,
+                follow_redirects=check.follow_redirects,
+                timeout=check.timeout,
+            )
+        except httpx.HTTPError as exc:
+            logger.debug("health probe of %s failed: %r", url, exc)
+            return False
+        return check.is_healthy(response.status_code)
+    logger.debug("health probe of %s timed out after %s s", url, check.timeout)
+    return False
+
+
+def report_status(balancer: Balancer, name: str, up: bool, reason: str) -> None:
+    """Set an upstream's status, logging only the changes (one line per flap)."""
+    server = balancer.get(name)
+    if server is None or server.up == up:
+        return
+    balancer.set_status(name, up)
+    if up:
+        logger.info("upstream %r is up again (%s)", name, reason)
+    else:
+        logger.warning("upstream %r is down (%s)", name, reason)
+
+
+async def watch_upstream(
+    check: HealthCheck,
+    balancer: Balancer,
+    upstream: Upstream,
+    client: Callable[[], httpx.AsyncClient],
+    still_there: Callable[[], bool],
+) -> None:
+    """Probe one upstream on its own schedule while it belongs to the proxy."""
+    assert upstream.url is not None
+    url = check.url_for(upstream.url)
+    unhealthy_interval = check.unhealthy_interval or check.interval
+    while still_there():
+        healthy = await probe(check, client(), url)
+        report_status(balancer, upstream.name, healthy, f"active check of {url}")
+        await anyio.sleep(check.interval if healthy else unhealthy_interval)
+
+
+class PassiveHealthCheck:
+    """Passive health checks on the proxy's own traffic, with Traefik's semantics.
+
+    A failure is an upstream never reached or a final status of 500 or more; a success clears the
+    count. ``max_failed_attempts`` failures within ``failure_window`` seconds mark the upstream
+    down; it returns after ``failure_window`` seconds, unless an active check is configured, which
+    then decides when it returns.
+    """
+
+    def __init__(self, *, failure_window: float = 10.0, max_failed_attempts: int = 1) -> None:
+        if not (failure_window > 0 and math.isfinite(failure_window)):
+            raise ValueError("failure_window must be a positive number of seconds")
+        if max_failed_attempts < 1:
+            raise ValueError("max_failed_attempts must be at least 1")
+        self.failure_window = failure_window
+        self.max_failed_attempts = max_failed_attempts
+        self.active_recovery = False  # set by the proxy when an active check exists
+        self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, first failure at)
+        self._ejected: dict[str, float] = {}  # name -> when it may return
+        self.next_return = math.inf  # the earliest of those, checked on the request path
+
+    def record(self, balancer: Balancer, server: Server, failed: bool) -> None:
+        """Count one request's outcome."""
+        if not failed:
+            if server.name in self._failures:
+                del self._failures[server.name]
+            return
+        now = balancer.clock()
+        count, since = self._failures.get(server.name, (0, now))
+        if now - since > self.failure_window:
+            count, since = 0, now
+        count += 1
+        self._failures[server.name] = (count, since)
+        if count >= self.max_failed_attempts and server.up:
+            del self._failures[server.name]
+            report_status(balancer, server.name, False, f"{count} failed requests")
+            if not self.active_recovery:
+                self._ejected[server.name] = now + self.failure_window
+                self.next_return = min(self.next_return, now + self.failure_window)
+
+    def restore_due(self, balancer: Balancer) -> None:
+        """Bring back the upstreams whose window has passed (called when ``next_return`` is due)."""
+        now = balancer.clock()
+        for name, at in list(self._ejected.items()):
+            if at <= now:
+                del self._ejected[name]
+                if name in balancer:
+                    report_status(balancer, name, True, "passive failure window over")
+        self.next_return = min(self._ejected.values(), default=math.inf)
