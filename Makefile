@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/balancer_demo.py
+	$(BIN)/asgi-leasttime demo
 
 test: lint types pytest docs
 

@@ -38,12 +38,13 @@ class ClientDisconnected(Exception):
 class Outcome:
     """What the balancer learns from one exchange. Filled in by :func:`forward_http`."""
 
-    __slots__ = ("failed", "status", "ttfb")
+    __slots__ = ("failed", "retries", "status", "ttfb")
 
     def __init__(self) -> None:
         self.ttfb: float | None = None
         self.status: int | None = None
         self.failed = False
+        self.retries = 0
 
 
 def upstream_target(scope: Scope) -> bytes:
@@ -157,6 +158,7 @@ async def forward_http(
                 # A pooled keep-alive connection the upstream had just closed: once, afresh.
                 if retry:
                     retry = False
+                    outcome.retries += 1
                     logger.debug("retrying %s %s after %r", request.method, url, exc)
                     continue
                 raise

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -27,6 +27,9 @@ from asgi_leasttime.forwarding import (
 from asgi_leasttime.headers import Headers, RequestHeaders
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.status import UpstreamStatus
+
+if TYPE_CHECKING:
+    from asgi_leasttime.metrics import RequestMetrics
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
@@ -92,6 +95,7 @@ class LeastTimeProxy:
         if passive_health_check is not None:
             passive_health_check.active_recovery = health_check is not None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self.metrics: RequestMetrics | None = None  # set by an AdminApp
         self.balancer = (
             balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
         )
@@ -252,6 +256,25 @@ class LeastTimeProxy:
         return server, [sticky.set_cookie_header(server.name)]
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            await self._forward(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 499  # nginx's "client closed request": no response was started
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._forward(scope, receive, counting_send)
+        finally:
+            metrics.observe(scope["method"], status, "http", time.perf_counter() - started)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             server, set_cookie = self._choose(scope)
         except NoAvailableServer:
@@ -282,6 +305,8 @@ class LeastTimeProxy:
                 extra_response_headers=set_cookie,
                 on_response=lambda outcome: self._record(server, outcome),
             )
+            if outcome.retries and self.metrics is not None:
+                self.metrics.retried(outcome.retries)
             if outcome.failed:
                 self.balancer.record_failure(server)
                 if self.passive_health_check is not None:

@@ -1,0 +1,175 @@
+"""``asgi-leasttime``: serve from a config file or from URLs, check a config file, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from asgi_leasttime.config import Config, ConfigError, load_config, parse_config
+
+__all__ = ["main"]
+
+# How the serving processes (uvicorn workers) learn what to build.
+CONFIG_ENV = "ASGI_LEASTTIME_CONFIG"
+DOCUMENT_ENV = "ASGI_LEASTTIME_DOCUMENT"
+
+
+def _config_from_environment() -> Config:
+    if os.environ.get(DOCUMENT_ENV):
+        return parse_config(json.loads(os.environ[DOCUMENT_ENV]))
+    return load_config(os.environ[CONFIG_ENV])
+
+
+def create_app() -> Any:
+    """The app each uvicorn worker serves (``uvicorn --factory asgi_leasttime.cli:create_app``)."""
+    return _config_from_environment().build_proxy()
+
+
+def _document_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "upstreams": [{"url": url} for url in args.upstream],
+        "balancer": {"mode": args.mode},
+    }
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        print("serving needs uvicorn: pip install 'asgi-leasttime[cli]'", file=sys.stderr)
+        return 2
+    if args.config and args.upstream:
+        print("give a config file or --upstream URLs, not both", file=sys.stderr)
+        return 2
+    if not args.config and not args.upstream:
+        print("give a config file or at least one --upstream URL", file=sys.stderr)
+        return 2
+    try:
+        if args.config:
+            config = load_config(args.config)
+            os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+        else:
+            document = _document_from_arguments(args)
+            config = parse_config(document)
+            os.environ[DOCUMENT_ENV] = json.dumps(document)
+        config.build_proxy()  # fail here, with the message, rather than in every worker
+    except ConfigError as exc:
+        _print_errors(args.config or "--upstream", exc)
+        return 1
+    server = config.section("server")
+    host = args.host or server["host"]
+    port = args.port or server["port"]
+    workers = args.workers or server["workers"]
+    admin_port = config.section("admin")["port"] if "admin" in config.optional else None
+    if admin_port is not None and workers > 1:
+        print("admin: the admin endpoint needs workers = 1 (state is per worker)", file=sys.stderr)
+        return 1
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "factory": True,
+        "lifespan": "on",
+        # The proxy decides which X-Forwarded-For to trust (balancer.trusted_proxies); uvicorn
+        # must not rewrite the client address from it first.
+        "proxy_headers": False,
+        "log_level": args.log_level,
+    }
+    if workers > 1:
+        uvicorn.run("asgi_leasttime.cli:create_app", workers=workers, **options)
+        return 0
+    if admin_port is None:
+        uvicorn.run("asgi_leasttime.cli:create_app", **options)
+        return 0
+    return _serve_with_admin(config, options, config.section("admin")["host"], admin_port)
+
+
+def _serve_with_admin(config: Config, options: dict[str, Any], host: str, port: int) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from asgi_leasttime.metrics import AdminApp
+    from asgi_leasttime.serving import QuietServer
+
+    proxy = config.build_proxy()
+    options = {**options, "factory": False}
+    main = uvicorn.Server(uvicorn.Config(proxy, **options))
+    admin = QuietServer(
+        uvicorn.Config(AdminApp(proxy), host=host, port=port, log_level=options["log_level"])
+    )
+
+    async def both() -> None:
+        task = asyncio.create_task(admin.serve())
+        await main.serve()
+        admin.should_exit = True
+        await task
+
+    asyncio.run(both())
+    return 0
+
+
+def _print_errors(source: str, error: ConfigError) -> None:
+    print(f"{source}: {len(error.errors)} problem(s)", file=sys.stderr)
+    for message in error.errors:
+        print(f"  {message}", file=sys.stderr)
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        config.build_proxy()
+    except ConfigError as exc:
+        _print_errors(args.config, exc)
+        return 1
+    names = ", ".join(u["name"] for u in config.upstreams)
+    print(f"{args.config}: ok ({len(config.upstreams)} upstreams: {names})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from asgi_leasttime.demo import run_demo
+
+    return run_demo(seconds=args.seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, for ``main`` and for the docs."""
+    parser = argparse.ArgumentParser(
+        prog="asgi-leasttime", description="Traefik's least-time load balancer as an ASGI app."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy under uvicorn")
+    serve.add_argument("config", nargs="?", help="a TOML configuration file")
+    serve.add_argument("--upstream", action="append", default=[], metavar="URL",
+                       help="an upstream URL (repeat for more); no file needed")  # fmt: skip
+    serve.add_argument("--mode", choices=("leasttime", "traefik"), default="leasttime")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="check a configuration file and exit")
+    check.add_argument("config", help="a TOML configuration file")
+    check.set_defaults(run=_check)
+
+    demo = commands.add_parser("demo", help="three local upstreams, one slows down and recovers")
+    demo.add_argument("--seconds", type=float, default=20.0, help="how long to run (default 20)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``asgi-leasttime``."""
+    args = build_parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The admin app: Prometheus metrics at ``/metrics`` and the upstreams' status at ``/status``.
+
+Mount it apart from the proxied paths (or serve it on its own port, as the CLI does with an
+``[admin]`` section): nothing here should be reachable through the proxy. The metric names follow
+Traefik's (``..._service_requests_total``, ``..._service_request_duration_seconds``,
+``..._service_retries_total``, ``..._service_server_up``) and add what Traefik does not expose: each
+upstream's average TTFB, requests in flight and score. prometheus-client is an optional extra
+(``asgi-leasttime[metrics]``); without it ``/metrics`` says how to enable it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from asgi_leasttime.proxy import LeastTimeProxy
+
+__all__ = ["AdminApp", "RequestMetrics"]
+
+PREFIX = "asgi_leasttime"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class RequestMetrics:
+    """Per-request counters of one proxy, in a registry of its own (needs prometheus-client)."""
+
+    def __init__(self, proxy: LeastTimeProxy) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("code", "method", "protocol", "service")
+        self.requests = Counter(
+            f"{PREFIX}_service_requests_total",
+            "Requests answered, by status code, method and protocol.",
+            labels,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_service_request_duration_seconds",
+            "Time from the request's arrival to the end of its response.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            f"{PREFIX}_service_retries_total",
+            "Requests sent again on a fresh connection after a pooled one failed.",
+            ("service",),
+            registry=self.registry,
+        )
+        self.registry.register(_UpstreamCollector(proxy))
+        self.service = proxy.name
+
+    def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
+        """Count one finished request."""
+        labels = (str(code), method, protocol, self.service)
+        self.requests.labels(*labels).inc()
+        self.duration.labels(*labels).observe(seconds)
+
+    def retried(self, count: int) -> None:
+        """Count requests sent again on a fresh connection."""
+        self.retries.labels(self.service).inc(count)
+
+
+class _UpstreamCollector:
+    """Reads the balancer's state at scrape time: no work on the request path."""
+
+    def __init__(self, proxy: LeastTimeProxy) -> None:
+        self.proxy = proxy
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        service = self.proxy.name
+        up = GaugeMetricFamily(
+            f"{PREFIX}_service_server_up", "1 if the upstream is up.", labels=("service", "url")
+        )
+        labels = ("service", "server")
+        ttfb = GaugeMetricFamily(
+            f"{PREFIX}_server_average_ttfb_seconds",
+            "Average time to first byte over the last 100 samples.",
+            labels=labels,
+        )
+        inflight = GaugeMetricFamily(
+            f"{PREFIX}_server_inflight_requests", "Requests in flight.", labels=labels
+        )
+        score = GaugeMetricFamily(
+            f"{PREFIX}_server_score_seconds",
+            "Least-time score: average TTFB x (1 + in flight) / weight; lowest wins.",
+            labels=labels,
+        )
+        fenced = GaugeMetricFamily(f"{PREFIX}_server_fenced", "1 if draining.", labels=labels)
+        weight = GaugeMetricFamily(f"{PREFIX}_server_weight", "The weight.", labels=labels)
+        requests = CounterMetricFamily(
+            f"{PREFIX}_server_requests", "Requests sent to the upstream.", labels=labels
+        )
+        failures = CounterMetricFamily(
+            f"{PREFIX}_server_failures", "Failures recorded for the upstream.", labels=labels
+        )
+        for status in self.proxy.upstream_status():
+            up.add_metric((service, status.url or status.name), 1.0 if status.up else 0.0)
+            key = (service, status.name)
+            ttfb.add_metric(key, status.average_ttfb)
+            inflight.add_metric(key, status.inflight)
+            score.add_metric(key, status.score)
+            fenced.add_metric(key, 1.0 if status.fenced else 0.0)
+            weight.add_metric(key, status.weight)
+            requests.add_metric(key, status.requests)
+            failures.add_metric(key, status.failures)
+        yield from (up, ttfb, inflight, score, fenced, weight, requests, failures)
+
+
+class AdminApp:
+    """ASGI app with ``/metrics`` (Prometheus text) and ``/status`` (JSON) for one proxy.
+
+    Creating it turns on the proxy's per-request counters when prometheus-client is installed.
+    """
+
+    def __init__(self, proxy: LeastTimeProxy) -> None:
+        self.proxy = proxy
+        try:
+            self.metrics: RequestMetrics | None = RequestMetrics(proxy)
+        except ImportError:
+            self.metrics = None
+        proxy.metrics = self.metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        path = scope["path"][len(scope.get("root_path", "")) :] or "/"
+        if path == "/metrics":
+            status, content_type, body = self.render_metrics()
+        elif path == "/status":
+            status, content_type, body = 200, b"application/json", self.render_status()
+        else:
+            status, content_type, body = 404, b"text/plain; charset=utf-8", b"not found"
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def render_metrics(self) -> tuple[int, bytes, bytes]:
+        """Status, content type and body of ``/metrics``."""
+        if self.metrics is None:
+            text = b"metrics need prometheus-client: pip install 'asgi-leasttime[metrics]'\n"
+            return 501, b"text/plain; charset=utf-8", text
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.metrics.registry)
+
+    def render_status(self) -> bytes:
+        """The body of ``/status``: the proxy and every upstream, as JSON."""
+        upstreams = [dataclasses.asdict(status) for status in self.proxy.upstream_status()]
+        for upstream in upstreams:  # JSON has no infinity: a cold server with its probe out
+            if not math.isfinite(upstream["score"]):
+                upstream["score"] = None
+        document = {
+            "service": self.proxy.name,
+            "mode": self.proxy.balancer.mode,
+            "up": self.proxy.balancer.up,
+            "upstreams": upstreams,
+        }
+        return json.dumps(document).encode()
