@@ -202,6 +202,11 @@ async def forward_http(
             await exchange()
         except ClientDisconnected:
             logger.debug("client left during %s %s", request.method, url)
+        except httpx.LocalProtocolError as exc:
+            # The request could not be written as it is: the client's doing, not the upstream's.
+            logger.info("request to %s refused by the HTTP client: %r", url, exc)
+            if not started:
+                await _answer(send, 400, "bad request")
         except httpx.TransportError as exc:  # timeouts included
             outcome.failed = outcome.status is None
             timed_out = isinstance(exc, httpx.TimeoutException)
@@ -212,6 +217,12 @@ async def forward_http(
                 await _answer(send, 504, "gateway timeout")
             else:
                 logger.warning("upstream %s failed: %r", url, exc)
+                await _answer(send, 502, "bad gateway")
+        except Exception:
+            # A fault in the client library (h11 raising past httpcore's error mapping, for one).
+            # Answer like any upstream failure rather than let a 500 out, and say it loudly.
+            logger.exception("forwarding %s %s failed unexpectedly", request.method, url)
+            if not started:
                 await _answer(send, 502, "bad gateway")
 
     # Errors are handled inside the task group: escaping it, they would come out grouped.

@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["HOP_BY_HOP", "RequestHeaders", "response_headers"]
+__all__ = ["HOP_BY_HOP", "BadRequest", "RequestHeaders", "response_headers"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -32,6 +32,10 @@ HOP_BY_HOP = frozenset(
 # The upstream request is re-framed by the client: the client's expectation was answered by the
 # server in front of us (uvicorn sends 100 Continue when the body is first read).
 _REQUEST_ONLY_HOP = HOP_BY_HOP | {b"expect"}
+
+
+class BadRequest(ValueError):
+    """A request no upstream should see: answered ``400`` with this message."""
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -70,7 +74,10 @@ class RequestHeaders:
     - ``X-Forwarded-For`` gets the client's address appended, ``X-Forwarded-Proto`` and
       ``X-Forwarded-Host`` are set. Incoming ``X-Forwarded-*`` and ``X-Real-Ip`` headers are kept
       only when the client's address is one of ``trusted_proxies`` (addresses or networks);
-      from anyone else they are removed, so a client cannot forge its address.
+      from anyone else they are removed, so a client cannot forge its address;
+    - framing is made unambiguous (RFC 9112 section 6.3): with ``Transfer-Encoding`` the body is
+      re-chunked and every ``Content-Length`` dropped; conflicting ``Content-Length`` values or
+      more than one ``Host`` raise :class:`BadRequest`.
     """
 
     def __init__(
@@ -100,12 +107,19 @@ class RequestHeaders:
         headers: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None
-        has_connection = False
+        has_connection = chunked = False
+        lengths: set[bytes] = set()
         for name, value in scope["headers"]:
             if name in _REQUEST_ONLY_HOP:
                 has_connection = has_connection or name == b"connection"
+                chunked = chunked or name == b"transfer-encoding"
                 continue
+            if name == b"content-length":
+                lengths.add(value.strip())
+                continue  # added back once below, when the framing allows it
             if name == b"host":
+                if host is not None:
+                    raise BadRequest("more than one Host header")
                 host = value
                 if not self.pass_host_header:
                     continue
@@ -122,6 +136,10 @@ class RequestHeaders:
             headers.append((name, value))
         if has_connection:
             headers = _without(headers, _connection_tokens(scope["headers"]))
+        if lengths and not chunked:
+            if len(lengths) > 1:
+                raise BadRequest("conflicting Content-Length headers")
+            headers.append((b"content-length", lengths.pop()))
         if client_host is not None:
             forwarded_for.append(client_host.encode("latin-1"))
         if forwarded_for:

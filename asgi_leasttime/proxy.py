@@ -24,7 +24,7 @@ from asgi_leasttime.forwarding import (
     send_error,
     upstream_target,
 )
-from asgi_leasttime.headers import Headers, RequestHeaders
+from asgi_leasttime.headers import BadRequest, Headers, RequestHeaders
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.status import UpstreamStatus
 
@@ -292,8 +292,12 @@ class LeastTimeProxy:
                 return
             try:
                 url = upstream.target_url(upstream_target(scope))
+                headers = self.request_headers(scope)
             except (httpx.InvalidURL, UnicodeError):
                 await send_error(send, 400, "bad request target")
+                return
+            except BadRequest as exc:
+                await send_error(send, 400, f"bad request: {exc}")
                 return
             outcome = await forward_http(
                 self.client,
@@ -301,7 +305,7 @@ class LeastTimeProxy:
                 scope,
                 receive,
                 send,
-                self.request_headers(scope),
+                headers,
                 extra_response_headers=set_cookie,
                 on_response=lambda outcome: self._record(server, outcome),
             )

@@ -76,6 +76,7 @@ class UpstreamApp:
         self.health_status = 200  # what /health answers
         self.health_delay = 0.0  # how long /health takes to answer
         self.probes: list[float] = []  # when each /health probe arrived (monotonic)
+        self.seen: list[tuple[str, bytes]] = []  # (path, body) of each echoed request
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "websocket":
@@ -126,6 +127,7 @@ class UpstreamApp:
 
     async def route_echo(self, scope: Scope, receive: Any, send: Any, query: Any) -> None:
         body = await self.read_body(receive)
+        self.seen.append((scope["path"], body))
         info = {
             "upstream": self.name,
             "method": scope["method"],

@@ -1,0 +1,93 @@
+"""Upstreams that misbehave on purpose, written on raw sockets: what no well-behaved server does."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+Behaviour = Callable[[anyio.abc.SocketStream], Awaitable[None]]
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-upstream: raw\r\n\r\nok"
+
+
+async def read_head(stream: anyio.abc.SocketStream) -> bytes:
+    """Read one request head (and ignore any body: these upstreams serve GETs)."""
+    data = b""
+    with anyio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive(65536)
+            data += chunk
+    return data
+
+
+def reset(stream: anyio.abc.SocketStream) -> None:
+    """Close with a TCP reset (RST), not a polite FIN."""
+    raw: socket.socket = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(behaviour: Behaviour) -> AsyncIterator[str]:
+    """Serve ``behaviour`` for every connection on an ephemeral loopback port."""
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.EndOfStream, OSError):
+                await behaviour(stream)
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def reset_before_headers(stream: anyio.abc.SocketStream) -> None:
+    await read_head(stream)
+    reset(stream)
+
+
+async def reset_mid_body(stream: anyio.abc.SocketStream) -> None:
+    await read_head(stream)
+    await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+    reset(stream)
+
+
+async def silent_after_headers(stream: anyio.abc.SocketStream) -> None:
+    await read_head(stream)
+    await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+    await anyio.sleep(30)
+
+
+async def slow_drip(stream: anyio.abc.SocketStream) -> None:
+    await read_head(stream)
+    await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 20\r\n\r\n")
+    for _ in range(20):
+        await anyio.sleep(0.02)
+        await stream.send(b"d")
+
+
+async def closes_keepalive_early(stream: anyio.abc.SocketStream) -> None:
+    """Answers one request announcing keep-alive, then closes the connection anyway."""
+    await read_head(stream)
+    await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok")
+
+
+async def storm_of_503(stream: anyio.abc.SocketStream) -> None:
+    while True:
+        await read_head(stream)
+        await stream.send(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy")
+
+
+async def healthy(stream: anyio.abc.SocketStream) -> None:
+    while True:
+        await read_head(stream)
+        await stream.send(OK)
