@@ -93,3 +93,22 @@ def fastapi_proxy_lib_app() -> Any:
     from fastapi_proxy_lib.fastapi.app import reverse_http_app
 
     return reverse_http_app(base_url=upstreams()[0] + "/")
+
+
+def upstream() -> Any:
+    """An upstream answering ``ok`` after ``BENCH_DELAY`` seconds (0 by default)."""
+    import asyncio
+
+    delay = float(os.environ.get("BENCH_DELAY", "0"))
+    name = os.environ.get("BENCH_NAME", "upstream").encode()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if delay:
+            await asyncio.sleep(delay)
+        headers = [(b"content-length", b"2"), (b"x-upstream", name)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app

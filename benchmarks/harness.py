@@ -88,9 +88,12 @@ def nginx_upstreams(ports: list[int], files: Path | None = None) -> str:
 
 
 @contextlib.contextmanager
-def uvicorn_app(factory: str, upstreams: list[str], port: int) -> Iterator[int]:
+def uvicorn_app(
+    factory: str, upstreams: list[str], port: int, extra_env: dict[str, str] | None = None
+) -> Iterator[int]:
     """One uvicorn worker (uvloop and httptools where installed) serving an app factory."""
     env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(ROOT))
+    env.update(extra_env or {})
     command = [
         sys.executable,
         "-m",
