@@ -24,6 +24,25 @@ def ours() -> Any:
     return LeastTimeProxy(upstreams=upstreams())
 
 
+def ours_on_httpx_aiohttp() -> Any:
+    """Candidate transport: httpx-aiohttp's AiohttpTransport under our client, with a session
+    that stores no cookies and adds no headers."""
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    from asgi_leasttime import LeastTimeProxy
+
+    def session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
+            auto_decompress=False,
+        )
+
+    return LeastTimeProxy(upstreams=upstreams(), transport=AiohttpTransport(client=session))
+
+
 def minimal_httpx() -> Any:
     """The least a raw-ASGI proxy on one shared httpx client does: the httpx baseline."""
     import httpx

@@ -193,3 +193,8 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"
+
+
+def selected(names: dict[str, object], only: str | None) -> list[str]:
+    """The names matching any comma-separated part of ``--only`` (all of them without it)."""
+    return [name for name in names if not only or any(part in name for part in only.split(","))]

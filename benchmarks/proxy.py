@@ -23,6 +23,7 @@ from harness import (
     nginx,
     nginx_upstreams,
     require,
+    selected,
     uvicorn_app,
     wait_for_port,
     wrk,
@@ -30,6 +31,7 @@ from harness import (
 
 PYTHON_PROXIES = {
     "asgi-leasttime": "benchmarks.apps:ours",
+    "asgi-leasttime on httpx-aiohttp (candidate)": "benchmarks.apps:ours_on_httpx_aiohttp",
     "asgiproxy 0.2 (aiohttp)": "benchmarks.apps:asgiproxy_app",
     "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",
     "minimal raw-ASGI proxy, aiohttp": "benchmarks.apps:minimal_aiohttp",
@@ -45,11 +47,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated names of Python proxies to run")
     args = parser.parse_args()
     require("nginx", "wrk")
-    proxies = {
-        name: factory
-        for name, factory in PYTHON_PROXIES.items()
-        if not args.only or any(part in name for part in args.only.split(","))
-    }
+    proxies = {name: PYTHON_PROXIES[name] for name in selected(PYTHON_PROXIES, args.only)}
 
     ports = [free_port() for _ in range(3)]
     upstreams = [f"http://127.0.0.1:{port}" for port in ports]

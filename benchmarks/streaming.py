@@ -15,7 +15,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from harness import free_port, machine, nginx, peak_rss_mib, require, uvicorn_app, wait_for_port
+from harness import (
+    free_port,
+    machine,
+    nginx,
+    peak_rss_mib,
+    require,
+    selected,
+    uvicorn_app,
+    wait_for_port,
+)
 
 PROXIES = {
     "asgi-leasttime": ("benchmarks.apps:ours", True),
@@ -83,9 +92,8 @@ def main() -> None:
             down = curl([f"{upstream}/files/down.bin"])
             up = curl(["-T", str(up_file), "-X", "POST", f"{upstream}/upload"])
             rows.append(("direct to nginx", down, up, None))
-            for name, (factory, uploads) in PROXIES.items():
-                if args.only and not any(part in name for part in args.only.split(",")):
-                    continue
+            for name in selected(PROXIES, args.only):
+                factory, uploads = PROXIES[name]
                 proxy_port = free_port()
                 with uvicorn_app(factory, [upstream], proxy_port) as pid:
                     base = f"http://127.0.0.1:{proxy_port}"
