@@ -14,10 +14,10 @@ Two modes:
     the last 100, no ageing, failures not recorded.
 ``"leasttime"`` (the default)
     The same score with Traefik's faults fixed: samples in float seconds (sub-millisecond servers
-    stop tying at 0); a cold server probed one request at a time instead of flooded until its first
-    answer; a server with no sample for a while probed again the same way, its stale samples
-    dropped when the answer comes, so a server that was slow and recovered gets its share back;
-    and failures recorded as slow answers instead of nothing.
+    stop tying at 0); only recent samples count (the last 100 within ``stale_after`` seconds), and
+    a server with none that recent is probed again, one request at a time, so a server that was
+    slow and recovered gets its share back; a cold server probed one request at a time instead of
+    flooded until its first answer; and failures recorded as slow answers instead of nothing.
 
 Not thread-safe: call it from one event loop (the proxy's). From another thread, hand the call to
 the loop (``anyio.from_thread.run_sync`` or ``loop.call_soon_threadsafe``).
@@ -81,6 +81,7 @@ class Server:
         "_inflight",
         "_last_sample_at",
         "_requests",
+        "_sample_times",
         "_samples",
         "_scale",
         "_score",
@@ -102,6 +103,7 @@ class Server:
         self._requests = 0
         self._failures = 0
         self._samples = [0.0] * SAMPLE_SIZE
+        self._sample_times = [0.0] * SAMPLE_SIZE  # default mode: when each sample was taken
         self._index = 0
         self._count = 0
         self._sum = 0.0
@@ -180,7 +182,7 @@ class Server:
         """Failures recorded on this server since it was added."""
         return self._failures
 
-    def _add_sample(self, value: float) -> None:
+    def _add_sample(self, value: float, at: float = 0.0) -> None:
         samples = self._samples
         index = self._index
         if self._count < SAMPLE_SIZE:
@@ -189,12 +191,23 @@ class Server:
         else:
             self._sum += value - samples[index]
         samples[index] = value
+        self._sample_times[index] = at
         self._index = (index + 1) % SAMPLE_SIZE
         self._average = self._sum / self._count
 
-    def _forget_samples(self) -> None:
-        self._index = self._count = 0
-        self._sum = self._average = 0.0
+    def _expire_before(self, cutoff: float) -> None:
+        """Drop the samples taken before ``cutoff``, oldest first (default mode)."""
+        times = self._sample_times
+        while self._count:
+            oldest = (self._index - self._count) % SAMPLE_SIZE
+            if times[oldest] >= cutoff:
+                break
+            self._count -= 1
+            self._sum -= self._samples[oldest]
+        if self._count:
+            self._average = self._sum / self._count
+        else:
+            self._sum = self._average = 0.0  # no rounding drift carried into the next samples
 
 
 class Balancer:
@@ -206,9 +219,10 @@ class Balancer:
         wants_health_check: whether a parent may register a status updater
             (:meth:`register_status_updater`); Traefik refuses it otherwise.
         clock: seconds, monotonic; ``time.perf_counter`` unless a test passes a fake.
-        stale_after: default mode only. Seconds without a sample after which a server's average
-            no longer counts: it is probed with one request, as a cold server is, and its old
-            samples are dropped when the answer arrives.
+        stale_after: default mode only. How long a sample counts: the average is the mean of the
+            last 100 samples taken within ``stale_after`` seconds, so a server that kept a
+            trickle of traffic while slow sheds its slow samples once it recovers. A server with
+            no sample that recent is probed with one request, as a cold server is.
         failure_penalty: default mode only. Seconds recorded as the TTFB of a failed request.
     """
 
@@ -441,11 +455,10 @@ class Balancer:
             server._add_sample(float(round(seconds * 1e9) // 1_000_000))
         else:
             now = self.clock()
-            if server._stale or now - server._last_sample_at > self.stale_after:
-                server._forget_samples()
+            server._expire_before(now - self.stale_after)
             server._stale = False
             server._last_sample_at = now
-            server._add_sample(seconds)
+            server._add_sample(seconds, now)
         self._rescore(server)
 
     def record_failure(self, server: Server, ttfb: float | None = None) -> None:

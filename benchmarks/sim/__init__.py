@@ -1,0 +1,1 @@
+"""A discrete-event simulator that drives the real Balancer with a virtual clock."""

@@ -1,0 +1,162 @@
+"""The simulation: servers with workers and queues, arrivals, K balancers, one virtual clock."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+TICKS = 10  # share is counted per tenth of a second
+
+
+@dataclass
+class ServerModel:
+    """A server: ``workers`` serve a FIFO queue (0 workers: a pure delay, no queue).
+
+    ``service(now, rng)`` draws a service time; ``fails(now)`` says whether the server answers
+    503 at once (in ``fail_time`` seconds) instead of serving. ``joins_at`` delays its arrival.
+    """
+
+    name: str
+    workers: int
+    service: Callable[[float, random.Random], float]
+    fails: Callable[[float], bool] = lambda now: False
+    fail_time: float = 0.0002
+    joins_at: float = 0.0
+    busy: int = 0
+    queue: deque[Any] = field(default_factory=deque)
+    max_queue: int = 0
+
+
+@dataclass
+class Scenario:
+    """What to simulate: servers, arrival rate over time, balancers, duration."""
+
+    name: str
+    servers: Callable[[], list[ServerModel]]
+    rate: Callable[[float], float]  # arrivals per second at a time
+    duration: float
+    balancers: int = 1
+    steady: bool = False  # compared on p99 against traefik (within 5 %)
+    watch: str | None = None  # the server whose share the scenario is about
+    events: dict[str, float] = field(default_factory=dict)  # named times (degrade, recover, ...)
+
+
+@dataclass
+class Result:
+    """What one run saw."""
+
+    latencies: list[float]
+    share: dict[str, dict[int, int]]  # server -> tick (0.1 s) -> requests sent
+    per_tick: dict[int, int]  # tick (0.1 s) -> requests sent
+    before_first_answer: dict[str, int]  # server -> requests sent before its first answer
+    max_queue: int
+    failures: int
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) -> Result:
+    """Run one scenario with one policy; every policy sees the same arrivals and service times."""
+    arrivals_rng = random.Random(seed)
+    service_rng = random.Random(seed * 7919 + 1)
+    policy_rng = random.Random(seed * 104729 + 2)
+    now = 0.0
+
+    def clock() -> float:
+        return now
+
+    models = scenario.servers()
+    by_name = {m.name: m for m in models}
+    present = [m.name for m in models if m.joins_at <= 0]
+    balancers = [
+        policy_factory(list(present), clock, policy_rng) for _ in range(scenario.balancers)
+    ]
+    joins = sorted((m.joins_at, m.name) for m in models if m.joins_at > 0)
+
+    events: list[tuple[float, int, str, Any]] = []
+    sequence = 0
+
+    def schedule(at: float, kind: str, payload: Any) -> None:
+        nonlocal sequence
+        sequence += 1
+        heapq.heappush(events, (at, sequence, kind, payload))
+
+    latencies: list[float] = []
+    share: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    per_tick: dict[int, int] = defaultdict(int)
+    answered: set[str] = set()
+    before_first_answer: dict[str, int] = defaultdict(int)
+    failures = 0
+
+    def start(model: ServerModel, request: list[Any]) -> None:
+        model.busy += 1
+        schedule(now + model.service(now, service_rng), "done", request)
+
+    # Arrivals: a Poisson process whose rate may change over time (thinning).
+    peak_rate = max(scenario.rate(t / 10) for t in range(int(scenario.duration * 10) + 1))
+    t = 0.0
+    while True:
+        t += arrivals_rng.expovariate(peak_rate)
+        if t >= scenario.duration:
+            break
+        if arrivals_rng.random() * peak_rate <= scenario.rate(t):
+            schedule(t, "arrive", arrivals_rng.randrange(scenario.balancers))
+    for at, name in joins:
+        schedule(at, "join", name)
+
+    while events:
+        now, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            balancer = balancers[payload]
+            server = balancer.pick()
+            name = balancer.name_of(server)
+            model = by_name[name]
+            tick = int(now * TICKS)
+            share[name][tick] += 1
+            per_tick[tick] += 1
+            if name not in answered:
+                before_first_answer[name] += 1
+            request = [now, balancer, server, model, False]
+            if model.fails(now):
+                request[4] = True
+                schedule(now + model.fail_time, "done", request)
+            elif model.workers == 0 or model.busy < model.workers:
+                start(model, request)
+            else:
+                model.queue.append(request)
+                model.max_queue = max(model.max_queue, len(model.queue))
+        elif kind == "done":
+            arrived, balancer, server, model, fast_failure = payload
+            ttfb = now - arrived
+            answered.add(model.name)
+            if fast_failure:
+                failures += 1
+                balancer.failed(server, ttfb)
+            else:
+                latencies.append(ttfb)
+                balancer.answered(server, ttfb)
+                model.busy -= 1
+                if model.queue:
+                    start(model, model.queue.popleft())
+            balancer.done(server)
+        elif kind == "join":
+            for balancer in balancers:
+                balancer.add(payload)
+    return Result(
+        latencies=latencies,
+        share={k: dict(v) for k, v in share.items()},
+        per_tick=dict(per_tick),
+        before_first_answer=dict(before_first_answer),
+        max_queue=max(m.max_queue for m in models),
+        failures=failures,
+    )

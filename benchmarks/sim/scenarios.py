@@ -1,0 +1,148 @@
+"""The scenarios: each one a fault of Traefik's, or a steady state it handles well."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+from .engine import Scenario, ServerModel
+
+Service = Callable[[float, random.Random], float]
+MEAN = 0.040  # seconds: the usual server's mean service time
+
+
+def exponential(mean: float) -> Service:
+    return lambda now, rng: rng.expovariate(1 / mean)
+
+
+def lognormal(mean: float, sigma: float = 0.8) -> Service:
+    mu = math.log(mean) - sigma * sigma / 2
+    return lambda now, rng: rng.lognormvariate(mu, sigma)
+
+
+def bimodal(mean: float, slow_share: float = 0.1, slow_factor: float = 10.0) -> Service:
+    fast = mean / (1 - slow_share + slow_share * slow_factor)
+    return lambda now, rng: rng.expovariate(
+        1 / (fast * (slow_factor if rng.random() < slow_share else 1))
+    )
+
+
+def slower(service: Service, factor: float, start: float = 0.0, end: float = math.inf) -> Service:
+    return lambda now, rng: service(now, rng) * (factor if start <= now < end else 1.0)
+
+
+def pool(n: int, workers: int, service: Service) -> list[ServerModel]:
+    return [ServerModel(f"s{i}", workers, service) for i in range(n)]
+
+
+def capacity(servers: list[ServerModel], means: list[float]) -> float:
+    return sum(m.workers / mean for m, mean in zip(servers, means, strict=True))
+
+
+def one_slow(load: float = 0.85) -> Scenario:
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, bimodal(MEAN))
+        models[9].service = bimodal(MEAN * 5)
+        return models
+
+    rate = load * 4 * (9 / MEAN + 1 / (5 * MEAN))
+    return Scenario("one server 5x slower", servers, lambda t: rate, 30, steady=True, watch="s9")
+
+
+def degrade_and_recover(load: float) -> Scenario:
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, exponential(MEAN))
+        models[9].service = slower(exponential(MEAN), 10, 20, 40)
+        return models
+
+    rate = load * 40 / MEAN
+    return Scenario(
+        f"one server 10x slower 20-40 s, load {load}",
+        servers,
+        lambda t: rate,
+        60,
+        watch="s9",
+        events={"degrade": 20, "recover": 40},
+    )
+
+
+def cold_join() -> Scenario:
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, exponential(MEAN))
+        new = ServerModel("new", 4, slower(exponential(MEAN), 10, 0, 12), joins_at=10)
+        return [*models, new]
+
+    rate = 0.7 * 40 / MEAN
+    return Scenario(
+        "new server joins at 10 s, 10x slow for 2 s",
+        servers,
+        lambda t: rate,
+        20,
+        watch="new",
+        events={"join": 10},
+    )
+
+
+def sub_millisecond(workers: int) -> Scenario:
+    def servers() -> list[ServerModel]:
+        models = [ServerModel(f"s{i}", workers, lognormal(0.0003, 0.3)) for i in range(3)]
+        return [*models, ServerModel("s3", workers, lognormal(0.0009, 0.3))]
+
+    rate = 0.85 * (3 / 0.0003 + 1 / 0.0009)  # the 1-worker capacity, for both
+    return Scenario(
+        f"sub-millisecond servers, {workers} worker(s) each",
+        servers,
+        lambda t: rate,
+        4,
+        steady=True,
+        watch="s3",
+    )
+
+
+def fail_fast() -> Scenario:
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, exponential(MEAN))
+        models[9].fails = lambda now: 10 <= now < 25
+        return models
+
+    rate = 0.7 * 40 / MEAN
+    return Scenario(
+        "one server fails fast (503) 10-25 s",
+        servers,
+        lambda t: rate,
+        35,
+        watch="s9",
+        events={"fail": 10, "recover": 25},
+    )
+
+
+def bursts(balancers: int) -> Scenario:
+    base = 0.6 * 40 / MEAN
+
+    def rate(t: float) -> float:  # a quarter-second burst at 2x every second
+        return base * (2.0 if (t % 1.0) < 0.25 else 2 / 3)
+
+    return Scenario(
+        f"bursts, K = {balancers} balancers",
+        lambda: pool(10, 4, lognormal(MEAN)),
+        rate,
+        30,
+        balancers=balancers,
+        steady=True,
+    )
+
+
+def all_scenarios() -> list[Scenario]:
+    return [
+        one_slow(),
+        degrade_and_recover(0.7),
+        degrade_and_recover(0.92),
+        cold_join(),
+        sub_millisecond(1),
+        sub_millisecond(64),
+        fail_fast(),
+        bursts(1),
+        bursts(4),
+        bursts(8),
+    ]
