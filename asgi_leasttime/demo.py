@@ -172,7 +172,7 @@ class Demo:
         out.write(
             f"\n'flaky' took {before:.0%} of the requests while fast, {during:.0%} while it"
             f" answered in 200 ms, and {after:.0%} after it recovered: least-time routed around it,"
-            f" and back to it because a server with no fresh samples is probed again.\n"
+            f" and back to it because only recent samples count.\n"
         )
         if self.errors:
             out.write(f"({self.errors} requests failed)\n")
