@@ -16,7 +16,6 @@ from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.forwarding import (
     Message,
-    Outcome,
     Receive,
     Scope,
     Send,
@@ -42,8 +41,8 @@ class LeastTimeProxy:
     """An ASGI app that forwards each request to the upstream with the lowest least-time score.
 
     Use it as the whole app, mount it (``Mount("/api", app=proxy)``; the mount prefix is stripped),
-    or wrap an app with it (``LeastTimeProxy(app, upstreams=...)``): the wrapped app gets the
-    lifespan events and answers the requests that no upstream can take.
+    or wrap an app with it (``LeastTimeProxy(app, upstreams=...)``): the wrapped app's lifespan
+    runs inside the proxy's, and it answers the requests that no upstream can take.
 
     Arguments:
         app: optional wrapped app (see above).
@@ -216,13 +215,15 @@ class LeastTimeProxy:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.app is not None:
-            await self.app(scope, receive, send)
+            # Wrapping an app: its lifespan runs inside the proxy's.
+            async with self.lifespan():
+                await self.app(scope, receive, send)
             return
         message = await receive()
         assert message["type"] == "lifespan.startup"
         async with self.lifespan():
             await send({"type": "lifespan.startup.complete"})
-            message = await receive()
+            await receive()  # lifespan.shutdown
         await send({"type": "lifespan.shutdown.complete"})
 
     # -- requests ---------------------------------------------------------------------------------
@@ -307,24 +308,23 @@ class LeastTimeProxy:
                 send,
                 headers,
                 extra_response_headers=set_cookie,
-                on_response=lambda outcome: self._record(server, outcome),
+                on_response=lambda outcome: self._record(server, outcome.status, outcome.ttfb),
             )
             if outcome.retries and self.metrics is not None:
                 self.metrics.retried(outcome.retries)
             if outcome.failed:
-                self.balancer.record_failure(server)
-                if self.passive_health_check is not None:
-                    self.passive_health_check.record(self.balancer, server, failed=True)
+                self._record(server, None, None)
         finally:
             self.balancer.release(server)
 
-    def _record(self, server: Server, outcome: Outcome) -> None:
-        ttfb = outcome.ttfb or 0.0
-        failed = outcome.status is not None and outcome.status >= 500
+    def _record(self, server: Server, status: int | None, ttfb: float | None) -> None:
+        """Tell the balancer (and the passive check) how a request went: answered with
+        ``status`` after ``ttfb`` seconds, or never answered (``None``)."""
+        failed = status is None or status >= 500
         if failed:
             self.balancer.record_failure(server, ttfb)
         else:
-            self.balancer.record_ttfb(server, ttfb)
+            self.balancer.record_ttfb(server, ttfb or 0.0)
         if self.passive_health_check is not None:
             self.passive_health_check.record(self.balancer, server, failed)
 
@@ -344,19 +344,14 @@ class LeastTimeProxy:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                outcome = Outcome()
-                outcome.ttfb = time.perf_counter() - sent_at
-                outcome.status = message["status"]
-                self._record(server, outcome)
+                self._record(server, message["status"], time.perf_counter() - sent_at)
                 if set_cookie:
                     message = {**message, "headers": [*message.get("headers", ()), *set_cookie]}
             await send(message)
 
         await app(dict(scope), receive, timed_send)
         if not answered:
-            self.balancer.record_failure(server)
-            if self.passive_health_check is not None:
-                self.passive_health_check.record(self.balancer, server, failed=True)
+            self._record(server, None, None)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         from asgi_leasttime.websocket import forward_websocket
