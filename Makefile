@@ -24,8 +24,11 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy asgi_leasttime
 
+# The whole suite on the default (lean) upstream client, then the forwarding tests on httpx.
 pytest: $(STAMP)
 	$(BIN)/pytest
+	ASGI_LEASTTIME_TEST_CLIENT=httpx $(BIN)/pytest tests/test_proxy.py tests/test_faults.py \
+		tests/test_security.py tests/test_disconnects.py
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
@@ -16,10 +16,12 @@ from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.forwarding import (
     Message,
+    Opener,
     Receive,
     Scope,
     Send,
     forward_http,
+    httpx_opener,
     send_error,
     upstream_target,
 )
@@ -28,6 +30,7 @@ from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstrea
 from asgi_leasttime.status import UpstreamStatus
 
 if TYPE_CHECKING:
+    from asgi_leasttime.lean import LeanClient
     from asgi_leasttime.metrics import RequestMetrics
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
@@ -48,8 +51,9 @@ class LeastTimeProxy:
         app: optional wrapped app (see above).
         upstreams: URLs or :class:`Upstream` objects.
         client: an ``httpx.AsyncClient`` to send with. The proxy gives it a cookie jar that stores
-            nothing and never closes it. Without one, the proxy creates its own (per-upstream
-            pools, ``timeout`` and ``limits``) on first use or in ``lifespan``, and closes it.
+            nothing and never closes it. Without one, the proxy uses its lean client for http
+            upstreams and creates an httpx client (per-upstream pools, ``timeout`` and
+            ``limits``) for https upstreams and health probes, and closes what it created.
         transport: the transport under the client the proxy creates (see
             :mod:`asgi_leasttime.client`).
         timeout: ``httpx.Timeout`` for the created client.
@@ -64,6 +68,10 @@ class LeastTimeProxy:
             upstream's own.
         trusted_proxies: addresses or networks whose ``X-Forwarded-*`` headers are kept.
         balancer: a :class:`Balancer` to use instead of a new one.
+        upstream_client: ``"lean"`` (the default): the proxy's own HTTP/1.1 client on
+            httptools (:mod:`asgi_leasttime.lean`) for plain-http upstreams, about five times
+            httpx's throughput here; or ``"httpx"``. A given ``client`` or ``transport``, and
+            https upstreams, always use httpx.
     """
 
     def __init__(
@@ -83,6 +91,7 @@ class LeastTimeProxy:
         pass_host_header: bool = True,
         trusted_proxies: Iterable[str] = (),
         balancer: Balancer | None = None,
+        upstream_client: Literal["httpx", "lean"] = "lean",
     ) -> None:
         self.app = app
         self.name = name
@@ -107,6 +116,15 @@ class LeastTimeProxy:
         self._transport = transport
         self._client = client
         self._owns_client = client is None
+        self._lean: LeanClient | None = None
+        if upstream_client == "lean" and client is None and transport is None:
+            from asgi_leasttime.lean import LeanClient
+
+            self._lean = LeanClient(
+                timeout=timeout,
+                max_connections=limits.max_connections or 512,
+                keepalive_expiry=limits.keepalive_expiry or 4.0,
+            )
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
@@ -178,6 +196,8 @@ class LeastTimeProxy:
 
     async def aclose(self) -> None:
         """Close the client if the proxy created it."""
+        if self._lean is not None:
+            await self._lean.aclose()
         if self._owns_client and self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
@@ -292,7 +312,7 @@ class LeastTimeProxy:
                 )
                 return
             try:
-                url = upstream.target_url(upstream_target(scope))
+                open_upstream = self._opener(upstream, upstream_target(scope))
                 headers = self.request_headers(scope)
             except (httpx.InvalidURL, UnicodeError):
                 await send_error(send, 400, "bad request target")
@@ -301,8 +321,8 @@ class LeastTimeProxy:
                 await send_error(send, 400, f"bad request: {exc}")
                 return
             outcome = await forward_http(
-                self.client,
-                url,
+                open_upstream,
+                upstream.name,
                 scope,
                 receive,
                 send,
@@ -316,6 +336,13 @@ class LeastTimeProxy:
                 self._record(server, None, None)
         finally:
             self.balancer.release(server)
+
+    def _opener(self, upstream: Upstream, target: bytes) -> Opener:
+        lean = self._lean
+        if lean is not None and upstream.url is not None and upstream.url.scheme == "http":
+            host, port, path = upstream.host, upstream.port, upstream.base_path + target
+            return lambda method, headers, body: lean.send(method, host, port, path, headers, body)
+        return httpx_opener(self.client, upstream.target_url(target))
 
     def _record(self, server: Server, status: int | None, ttfb: float | None) -> None:
         """Tell the balancer (and the passive check) how a request went: answered with

@@ -22,7 +22,7 @@ class Upstream:
         fenced: draining: no new picks, sticky clients still served.
     """
 
-    __slots__ = ("app", "base_path", "fenced", "name", "url", "weight")
+    __slots__ = ("app", "base_path", "fenced", "host", "name", "port", "url", "weight")
 
     def __init__(
         self,
@@ -40,10 +40,14 @@ class Upstream:
         self.app = app
         self.url: httpx.URL | None = None
         self.base_path = b""
+        self.host = ""
+        self.port = 0
         if url is not None:
             parsed = _parse_url(url)
             self.url = parsed
             self.base_path = parsed.raw_path.split(b"?", 1)[0].rstrip(b"/")
+            self.host = parsed.host
+            self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.name: str = name or str(url)
         self.weight = weight
         self.fenced = fenced

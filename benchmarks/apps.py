@@ -24,6 +24,12 @@ def ours() -> Any:
     return LeastTimeProxy(upstreams=upstreams())
 
 
+def ours_lean() -> Any:
+    from asgi_leasttime import LeastTimeProxy
+
+    return LeastTimeProxy(upstreams=upstreams(), upstream_client="lean")
+
+
 def ours_on_httpx_aiohttp() -> Any:
     """Candidate transport: httpx-aiohttp's AiohttpTransport under our client, with a session
     that stores no cookies and adds no headers."""

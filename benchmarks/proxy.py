@@ -31,6 +31,7 @@ from harness import (
 
 PYTHON_PROXIES = {
     "asgi-leasttime": "benchmarks.apps:ours",
+    "asgi-leasttime, lean client": "benchmarks.apps:ours_lean",
     "asgi-leasttime on httpx-aiohttp (candidate)": "benchmarks.apps:ours_on_httpx_aiohttp",
     "asgiproxy 0.2 (aiohttp)": "benchmarks.apps:asgiproxy_app",
     "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -17,6 +18,9 @@ import anyio
 import uvicorn
 
 Scope = dict[str, Any]
+
+# Which upstream client the proxies under test use; make test runs the forwarding tests with both.
+UPSTREAM_CLIENT = os.environ.get("ASGI_LEASTTIME_TEST_CLIENT", "lean")
 
 
 async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:

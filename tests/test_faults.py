@@ -12,7 +12,7 @@ import pytest
 from asgi_leasttime import LeastTimeProxy, PassiveHealthCheck, Upstream
 from tests import rawserver
 from tests.rawserver import Behaviour, raw_upstream
-from tests.servers import running, wait_until
+from tests.servers import UPSTREAM_CLIENT, running, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -29,6 +29,7 @@ async def faulty(
     ):
         proxy = LeastTimeProxy(
             upstreams=[Upstream(bad, name="bad"), Upstream(good, name="good", fenced=True)],
+            upstream_client=UPSTREAM_CLIENT,
             **options,
         )
         async with (

@@ -20,7 +20,7 @@ from asgi_leasttime import (
     PassiveHealthCheck,
     Upstream,
 )
-from tests.servers import UpstreamApp, running, wait_until
+from tests.servers import UPSTREAM_CLIENT, UpstreamApp, running, wait_until
 from tests.test_balancer import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -91,7 +91,9 @@ async def healthy_proxy(
     async with contextlib.AsyncExitStack() as stack:
         pool = await stack.enter_async_context(pool_of(*apps))
         proxy = LeastTimeProxy(
-            upstreams=[Upstream(pool.urls[a.name], name=a.name) for a in apps], **options
+            upstreams=[Upstream(pool.urls[a.name], name=a.name) for a in apps],
+            upstream_client=UPSTREAM_CLIENT,
+            **options,
         )
         url = await stack.enter_async_context(running(proxy, lifespan="on"))
         client = await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from asgi_leasttime import LeastTimeProxy, Upstream
-from tests.servers import UpstreamApp, running, running_many, wait_until
+from tests.servers import UPSTREAM_CLIENT, UpstreamApp, running, running_many, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -26,6 +26,7 @@ async def proxied(
 ) -> AsyncIterator[tuple[LeastTimeProxy, httpx.AsyncClient]]:
     """Upstreams and the proxy, each under its own uvicorn; a client pointed at the proxy."""
     async with running_many(*apps) as urls:
+        options.setdefault("upstream_client", UPSTREAM_CLIENT)
         proxy = LeastTimeProxy(
             upstreams=[Upstream(url, name=app.name) for url, app in zip(urls, apps, strict=True)],
             **options,

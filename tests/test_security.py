@@ -12,7 +12,7 @@ from starlette.routing import Mount
 
 from asgi_leasttime import LeastTimeProxy, Upstream
 from asgi_leasttime.metrics import AdminApp
-from tests.servers import UpstreamApp, running
+from tests.servers import UPSTREAM_CLIENT, UpstreamApp, running
 from tests.test_proxy import proxied
 
 pytestmark = pytest.mark.anyio
@@ -42,7 +42,9 @@ def port_of(client: httpx.AsyncClient) -> int:
 async def test_absolute_form_targets_never_leave_the_configured_upstreams(http: str) -> None:
     upstream = UpstreamApp("a")
     async with running(upstream) as upstream_url:
-        proxy = LeastTimeProxy(upstreams=[Upstream(upstream_url, name="a")])
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(upstream_url, name="a")], upstream_client=UPSTREAM_CLIENT
+        )
         async with running(proxy, http=http) as url:
             port = int(url.rsplit(":", 1)[1])
             answer = await exchange(
@@ -65,7 +67,9 @@ async def test_odd_host_headers_still_go_to_a_configured_upstream() -> None:
 async def test_admin_is_not_reachable_through_the_proxied_path() -> None:
     upstream = UpstreamApp("a")
     async with running(upstream) as upstream_url:
-        proxy = LeastTimeProxy(upstreams=[Upstream(upstream_url, name="a")])
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(upstream_url, name="a")], upstream_client=UPSTREAM_CLIENT
+        )
         app = Starlette(
             routes=[Mount("/_ops", app=AdminApp(proxy)), Mount("/api", app=proxy)],
             lifespan=proxy.lifespan,
@@ -104,7 +108,9 @@ async def test_request_smuggling_shapes_are_refused_or_forwarded_safely(
     parsed: list[tuple[str, bytearray]] = []  # what the front server made of the bytes
 
     async with running(upstream) as upstream_url:
-        proxy = LeastTimeProxy(upstreams=[Upstream(upstream_url, name="a")])
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(upstream_url, name="a")], upstream_client=UPSTREAM_CLIENT
+        )
 
         async def front(scope: dict[str, Any], receive: Any, send: Any) -> None:
             if scope["type"] != "http":
@@ -145,7 +151,9 @@ async def test_content_length_with_transfer_encoding_is_reframed() -> None:
     """h11 accepts both headers and reads the chunked body (httptools refuses the request)."""
     upstream = UpstreamApp("a")
     async with running(upstream) as upstream_url:
-        proxy = LeastTimeProxy(upstreams=[Upstream(upstream_url, name="a")])
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(upstream_url, name="a")], upstream_client=UPSTREAM_CLIENT
+        )
         async with running(proxy, http="h11") as url:
             head = b"POST /x HTTP/1.1\r\nhost: lb\r\ncontent-length: 3\r\n"
             body = b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"

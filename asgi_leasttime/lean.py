@@ -1,0 +1,347 @@
+"""A lean HTTP/1.1 upstream client: asyncio protocols, httptools' parser, one pool per origin.
+
+What a proxy needs and nothing more: raw headers in, raw headers out, both bodies streamed with
+flow control, keep-alive reuse, explicit timeouts. No cookies, no redirects, no decoding, no
+request or response objects beyond two small classes. Errors are httpx's exception classes, so
+the forwarding code handles this client and an ``httpx.AsyncClient`` alike.
+
+Needs httptools (installed with ``uvicorn[standard]``, the ``fast`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+import httpx
+
+__all__ = ["LeanClient", "LeanResponse"]
+
+Headers = list[tuple[bytes, bytes]]
+
+HIGH_WATER = 4 * 65536  # buffered response bytes before reading from the upstream pauses
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection and the response being read on it."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.error: Exception | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.headers: Headers = []
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.head_done = False
+        self.complete = False
+        self.head_only = False
+        self.ends_at_close = False  # neither length nor chunks: the body ends at close
+        self.keep_alive = False
+        self.wakeup: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"invalid response from upstream: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.ends_at_close and exc is None:
+            self.complete = True
+            self._wake()
+        if not self.complete:
+            if self.head_done:
+                message = "upstream closed the connection mid-response"
+                self._fail(httpx.ReadError(message))
+            else:
+                self._fail(httpx.RemoteProtocolError("upstream closed without a response"))
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    # -- httptools callbacks ----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # an interim response (100 Continue): the real one follows
+            return
+        self.status = status
+        self.head_done = True
+        if self.head_only:
+            self.complete = True  # a response to HEAD has no body, whatever it announces
+        elif status not in (204, 304):
+            framing = {name.lower() for name, _ in self.headers}
+            self.ends_at_close = not framing & {b"content-length", b"transfer-encoding"}
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status:
+            # Only valid now: once the callback returns, the parser moves on to the next message.
+            self.keep_alive = self.parser.should_keep_alive()
+            self.complete = True
+            self._wake()
+
+    # -- waiting ----------------------------------------------------------------------------------
+
+    def _fail(self, exc: Exception) -> None:
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    async def wait(self, seconds: float | None) -> None:
+        """Until something arrives (head, body, end or error), at most ``seconds``."""
+        self.wakeup = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(seconds):
+                await self.wakeup
+        except TimeoutError:
+            raise httpx.ReadTimeout("upstream sent nothing for the read timeout") from None
+        finally:
+            self.wakeup = None
+
+    async def write(self, data: bytes, seconds: float | None) -> None:
+        if self.closed or self.transport is None:
+            raise self.error or httpx.WriteError("upstream connection closed")
+        self.transport.write(data)
+        if not self.can_write.is_set():
+            try:
+                async with asyncio.timeout(seconds):
+                    await self.can_write.wait()
+            except TimeoutError:
+                raise httpx.WriteTimeout("upstream did not read for the write timeout") from None
+
+    def take_body(self) -> bytes:
+        data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks.popleft()
+        self.chunks.clear()
+        self.buffered = 0
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        return data
+
+    def reusable(self) -> bool:
+        return (
+            self.complete
+            and not self.closed
+            and not self.head_only
+            and self.error is None
+            and self.keep_alive
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Pool:
+    """Connections to one origin: idle ones reused newest first, at most ``limit`` at once.
+
+    An idle connection is not reused after ``keepalive_expiry`` seconds: upstreams close idle
+    connections on their own schedule (uvicorn after 5 s), and one closing just as a request is
+    written would fail that request.
+    """
+
+    def __init__(self, host: str, port: int, limit: int, keepalive_expiry: float) -> None:
+        self.host, self.port = host, port
+        self.idle: list[tuple[float, _Connection]] = []  # (idle since, connection)
+        self.slots = asyncio.Semaphore(limit)
+        self.keepalive_expiry = keepalive_expiry
+
+    async def connect(self, limits: httpx.Timeout) -> tuple[_Connection, bool]:
+        """A connection, and whether it was reused (a reused one may have been closed)."""
+        try:
+            async with asyncio.timeout(limits.pool):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise httpx.PoolTimeout("no free upstream connection for the pool timeout") from None
+        loop = asyncio.get_running_loop()
+        fresh_since = loop.time() - self.keepalive_expiry
+        while self.idle:
+            idle_since, connection = self.idle.pop()
+            if not connection.closed and idle_since > fresh_since:
+                connection._reset()
+                return connection, True
+            connection.close()
+        try:
+            async with asyncio.timeout(limits.connect):
+                _, connection = await loop.create_connection(_Connection, self.host, self.port)
+        except TimeoutError:
+            self.slots.release()
+            message = f"connecting to {self.host}:{self.port} timed out"
+            raise httpx.ConnectTimeout(message) from None
+        except OSError as exc:
+            self.slots.release()
+            raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        return connection, False
+
+    def give_back(self, connection: _Connection) -> None:
+        if connection.reusable():
+            self.idle.append((asyncio.get_running_loop().time(), connection))
+        else:
+            connection.close()
+        self.slots.release()
+
+    def close(self) -> None:
+        for _, connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+
+class LeanResponse:
+    """The upstream's answer: status, raw headers, and the body to stream."""
+
+    __slots__ = ("_connection", "_pool", "_timeout", "raw_headers", "status_code")
+
+    def __init__(self, pool: _Pool, connection: _Connection, timeout: float | None) -> None:
+        self._pool = pool
+        self._connection: _Connection | None = connection
+        self._timeout = timeout
+        self.status_code = connection.status
+        self.raw_headers = connection.headers
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, undecoded."""
+        connection = self._connection
+        assert connection is not None
+        while True:
+            if connection.chunks:
+                yield connection.take_body()
+            elif connection.complete:
+                return
+            elif connection.error is not None:
+                raise connection.error
+            else:
+                await connection.wait(self._timeout)
+
+    async def aclose(self) -> None:
+        """Give the connection back (kept alive when the response was read to its end)."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            self._pool.give_back(connection)
+
+
+class LeanClient:
+    """The proxy's fast upstream client. ``send`` returns once the response headers are in."""
+
+    def __init__(
+        self,
+        *,
+        timeout: httpx.Timeout,
+        max_connections: int = 512,
+        keepalive_expiry: float = 4.0,
+    ) -> None:
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.keepalive_expiry = keepalive_expiry
+        self._pools: dict[tuple[str, int], _Pool] = {}
+
+    async def send(
+        self,
+        method: str,
+        host: str,
+        port: int,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+    ) -> LeanResponse:
+        """Send one request; raises httpx's exceptions for what goes wrong."""
+        pool = self._pools.get((host, port))
+        if pool is None:
+            pool = _Pool(host, port, self.max_connections, self.keepalive_expiry)
+            self._pools[(host, port)] = pool
+        connection, _ = await pool.connect(self.timeout)
+        try:
+            connection.head_only = method == "HEAD"
+            await self._write_request(connection, method, host, port, target, headers, body)
+            while not connection.head_done:
+                if connection.error is not None:
+                    raise connection.error
+                await connection.wait(self.timeout.read)
+        except BaseException:
+            connection.close()
+            pool.give_back(connection)
+            raise
+        return LeanResponse(pool, connection, self.timeout.read)
+
+    async def _write_request(
+        self,
+        connection: _Connection,
+        method: str,
+        host: str,
+        port: int,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+    ) -> None:
+        lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+        has_host = has_length = False
+        for name, value in headers:
+            has_host = has_host or name == b"host"
+            has_length = has_length or name == b"content-length"
+            lines.append(name + b": " + value)
+        if not has_host:
+            lines.append(b"host: " + f"{host}:{port}".encode("ascii"))
+        chunked = body is not None and not has_length
+        if chunked:
+            lines.append(b"transfer-encoding: chunked")
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        write_timeout = self.timeout.write
+        if body is None:
+            await connection.write(head, write_timeout)
+            return
+        await connection.write(head, write_timeout)
+        async for chunk in body:
+            if chunked:
+                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), write_timeout)
+            else:
+                await connection.write(chunk, write_timeout)
+        if chunked:
+            await connection.write(b"0\r\n\r\n", write_timeout)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
