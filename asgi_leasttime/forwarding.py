@@ -241,7 +241,9 @@ async def forward_http(
                     )
             await send_to_client({"type": "http.response.body", "body": b""})
         finally:
-            await asyncio.shield(response.aclose())
+            # Not shielded: a cancellation (the client leaving) has already been delivered by
+            # the time this runs, and asyncio.shield would cost a task per request.
+            await response.aclose()
 
     async def wait_for_disconnect() -> None:
         await body_read.wait()

@@ -132,14 +132,16 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, seconds: float | None) -> None:
         """Until something arrives (head, body, end or error), at most ``seconds``."""
-        self.wakeup = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        wakeup = self.wakeup = loop.create_future()
+        # A bare timer rather than asyncio.timeout(): this runs for every response.
+        timer = None if seconds is None else loop.call_later(seconds, _time_out, wakeup)
         try:
-            async with asyncio.timeout(seconds):
-                await self.wakeup
-        except TimeoutError:
-            raise httpx.ReadTimeout("upstream sent nothing for the read timeout") from None
+            await wakeup
         finally:
             self.wakeup = None
+            if timer is not None:
+                timer.cancel()
 
     async def write(self, data: bytes, seconds: float | None) -> None:
         if self.closed or self.transport is None:
@@ -175,6 +177,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _time_out(wakeup: asyncio.Future[None]) -> None:
+    if not wakeup.done():
+        wakeup.set_exception(httpx.ReadTimeout("upstream sent nothing for the read timeout"))
+
+
 class _Pool:
     """Connections to one origin: idle ones reused newest first, at most ``limit`` at once.
 
@@ -186,16 +193,41 @@ class _Pool:
     def __init__(self, host: str, port: int, limit: int, keepalive_expiry: float) -> None:
         self.host, self.port = host, port
         self.idle: list[tuple[float, _Connection]] = []  # (idle since, connection)
-        self.slots = asyncio.Semaphore(limit)
+        self.limit = limit
+        self.active = 0
+        self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self.keepalive_expiry = keepalive_expiry
+
+    async def _take_slot(self, seconds: float | None) -> None:
+        if self.active < self.limit and not self.waiting:
+            self.active += 1
+            return
+        slot = asyncio.get_running_loop().create_future()
+        self.waiting.append(slot)
+        try:
+            async with asyncio.timeout(seconds):
+                await slot  # resolved by _free_slot, which hands its slot over
+        except TimeoutError:
+            raise httpx.PoolTimeout("no free upstream connection for the pool timeout") from None
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._free_slot()  # handed over just as the wait ended: pass it on
+            raise
+        finally:
+            if slot in self.waiting:
+                self.waiting.remove(slot)
+
+    def _free_slot(self) -> None:
+        while self.waiting:
+            slot = self.waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self.active -= 1
 
     async def connect(self, limits: httpx.Timeout) -> tuple[_Connection, bool]:
         """A connection, and whether it was reused (a reused one may have been closed)."""
-        try:
-            async with asyncio.timeout(limits.pool):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise httpx.PoolTimeout("no free upstream connection for the pool timeout") from None
+        await self._take_slot(limits.pool)
         loop = asyncio.get_running_loop()
         fresh_since = loop.time() - self.keepalive_expiry
         while self.idle:
@@ -208,12 +240,15 @@ class _Pool:
             async with asyncio.timeout(limits.connect):
                 _, connection = await loop.create_connection(_Connection, self.host, self.port)
         except TimeoutError:
-            self.slots.release()
+            self._free_slot()
             message = f"connecting to {self.host}:{self.port} timed out"
             raise httpx.ConnectTimeout(message) from None
         except OSError as exc:
-            self.slots.release()
+            self._free_slot()
             raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+        except BaseException:  # cancelled while connecting: the client left
+            self._free_slot()
+            raise
         return connection, False
 
     def give_back(self, connection: _Connection) -> None:
@@ -221,7 +256,7 @@ class _Pool:
             self.idle.append((asyncio.get_running_loop().time(), connection))
         else:
             connection.close()
-        self.slots.release()
+        self._free_slot()
 
     def close(self) -> None:
         for _, connection in self.idle:

@@ -1,0 +1,94 @@
+"""The lean upstream client on its own: reuse, limits, framing, timeouts."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from asgi_leasttime import lean
+from asgi_leasttime.lean import LeanClient
+from tests import rawserver
+from tests.rawserver import raw_upstream
+from tests.servers import UpstreamApp, running
+
+pytestmark = pytest.mark.anyio
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+async def get(client: LeanClient, url: str, target: bytes = b"/") -> tuple[int, bytes]:
+    response = await client.send("GET", *host_port(url), target, [(b"host", b"t")], None)
+    try:
+        return response.status_code, b"".join([c async for c in response.aiter_raw()])
+    finally:
+        await response.aclose()
+
+
+async def test_keep_alive_connections_are_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = 0
+    original = lean._Connection.__init__
+
+    def counting(self: lean._Connection) -> None:
+        nonlocal made
+        made += 1
+        original(self)
+
+    monkeypatch.setattr(lean._Connection, "__init__", counting)
+    async with running(UpstreamApp("a")) as url:
+        client = LeanClient(timeout=httpx.Timeout(5))
+        results = [await get(client, url) for _ in range(10)]
+        await client.aclose()
+    assert {status for status, _ in results} == {200}
+    assert made == 1
+
+
+async def test_the_pool_limit_queues_and_times_out() -> None:
+    async with running(UpstreamApp("a", delay=0.3)) as url:
+        client = LeanClient(timeout=httpx.Timeout(5, pool=0.1), max_connections=1)
+        outcomes: list[object] = []
+
+        async def one() -> None:
+            try:
+                outcomes.append((await get(client, url))[0])
+            except httpx.PoolTimeout as exc:
+                outcomes.append(type(exc))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        assert sorted(map(str, outcomes)) == sorted(map(str, [200, httpx.PoolTimeout]))
+        # The slot came back: the next request goes through.
+        assert (await get(client, url))[0] == 200
+        await client.aclose()
+
+
+async def test_a_body_that_ends_with_the_connection() -> None:
+    async def close_delimited(stream: anyio.abc.SocketStream) -> None:
+        await rawserver.read_head(stream)
+        await stream.send(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end")
+
+    async with raw_upstream(close_delimited) as url:
+        client = LeanClient(timeout=httpx.Timeout(5))
+        assert await get(client, url) == (200, b"until the end")
+        await client.aclose()
+
+
+async def test_a_read_timeout_while_waiting_for_headers() -> None:
+    async with running(UpstreamApp("a", delay=1.0)) as url:
+        client = LeanClient(timeout=httpx.Timeout(5, read=0.1))
+        with pytest.raises(httpx.ReadTimeout):
+            await get(client, url)
+        await client.aclose()
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    async with running(UpstreamApp("a")) as url:
+        pass  # the port is closed now
+    client = LeanClient(timeout=httpx.Timeout(5))
+    with pytest.raises(httpx.ConnectError):
+        await get(client, url)
+    await client.aclose()
