@@ -24,10 +24,11 @@ def ours() -> Any:
     return LeastTimeProxy(upstreams=upstreams())
 
 
-def ours_lean() -> Any:
+def ours_on_httpx() -> Any:
+    """asgi-leasttime forwarding through an httpx.AsyncClient (the caller's-client path)."""
     from asgi_leasttime import LeastTimeProxy
 
-    return LeastTimeProxy(upstreams=upstreams(), upstream_client="lean")
+    return LeastTimeProxy(upstreams=upstreams(), upstream_client="httpx")
 
 
 def ours_on_httpx_aiohttp() -> Any:

@@ -31,7 +31,7 @@ from harness import (
 
 PYTHON_PROXIES = {
     "asgi-leasttime": "benchmarks.apps:ours",
-    "asgi-leasttime, lean client": "benchmarks.apps:ours_lean",
+    "asgi-leasttime on httpx": "benchmarks.apps:ours_on_httpx",
     "asgi-leasttime on httpx-aiohttp (candidate)": "benchmarks.apps:ours_on_httpx_aiohttp",
     "asgiproxy 0.2 (aiohttp)": "benchmarks.apps:asgiproxy_app",
     "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",
@@ -115,6 +115,9 @@ def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namesp
         if peer in medians:
             for c in (8, 64):
                 print(f"- ours / {peer} at c{c}: {ours[c].rps / medians[peer][c].rps:.2f}x")
+    if "asgiproxy 0.2 (aiohttp)" in medians:
+        theirs = medians["asgiproxy 0.2 (aiohttp)"][64].p99_ms
+        print(f"- p99 at c64: ours {ours[64].p99_ms:.1f} ms, asgiproxy {theirs:.1f} ms")
     nginx_c64 = medians["nginx least_conn"][64].rps
     share = ours[64].rps / nginx_c64
     print(f"- ours / nginx least_conn at c64: {share:.3f} (1/{1 / share:.1f})")

@@ -28,7 +28,7 @@ from harness import (
 
 PROXIES = {
     "asgi-leasttime": ("benchmarks.apps:ours", True),
-    "asgi-leasttime, lean client": ("benchmarks.apps:ours_lean", True),
+    "asgi-leasttime on httpx": ("benchmarks.apps:ours_on_httpx", True),
     "asgiproxy 0.2 (aiohttp)": ("benchmarks.apps:asgiproxy_app", True),
     "fastapi-proxy-lib 0.3 (httpx)": ("benchmarks.apps:fastapi_proxy_lib_app", True),
     "minimal raw-ASGI proxy, aiohttp": ("benchmarks.apps:minimal_aiohttp", False),
