@@ -225,8 +225,8 @@ class _Pool:
                 return
         self.active -= 1
 
-    async def connect(self, limits: httpx.Timeout) -> tuple[_Connection, bool]:
-        """A connection, and whether it was reused (a reused one may have been closed)."""
+    async def connect(self, limits: httpx.Timeout) -> _Connection:
+        """An idle connection still fresh, or a new one."""
         await self._take_slot(limits.pool)
         loop = asyncio.get_running_loop()
         fresh_since = loop.time() - self.keepalive_expiry
@@ -234,7 +234,7 @@ class _Pool:
             idle_since, connection = self.idle.pop()
             if not connection.closed and idle_since > fresh_since:
                 connection._reset()
-                return connection, True
+                return connection
             connection.close()
         try:
             async with asyncio.timeout(limits.connect):
@@ -249,7 +249,7 @@ class _Pool:
         except BaseException:  # cancelled while connecting: the client left
             self._free_slot()
             raise
-        return connection, False
+        return connection
 
     def give_back(self, connection: _Connection) -> None:
         if connection.reusable():
@@ -262,6 +262,18 @@ class _Pool:
         for _, connection in self.idle:
             connection.close()
         self.idle.clear()
+
+
+def _request_head(
+    method: str, target: bytes, headers: Headers, host: str, port: int, chunked: bool
+) -> bytes:
+    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+    lines.extend(name + b": " + value for name, value in headers)
+    if not any(name == b"host" for name, _ in headers):
+        lines.append(b"host: " + f"{host}:{port}".encode("ascii"))
+    if chunked:
+        lines.append(b"transfer-encoding: chunked")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 class LeanResponse:
@@ -326,10 +338,14 @@ class LeanClient:
         if pool is None:
             pool = _Pool(host, port, self.max_connections, self.keepalive_expiry)
             self._pools[(host, port)] = pool
-        connection, _ = await pool.connect(self.timeout)
+        connection = await pool.connect(self.timeout)
         try:
             connection.head_only = method == "HEAD"
-            await self._write_request(connection, method, host, port, target, headers, body)
+            if body is None:
+                head = _request_head(method, target, headers, host, port, chunked=False)
+                await connection.write(head, self.timeout.write)
+            else:
+                await self._write_with_body(connection, method, target, headers, host, port, body)
             while not connection.head_done:
                 if connection.error is not None:
                     raise connection.error
@@ -340,40 +356,27 @@ class LeanClient:
             raise
         return LeanResponse(pool, connection, self.timeout.read)
 
-    async def _write_request(
+    async def _write_with_body(
         self,
         connection: _Connection,
         method: str,
-        host: str,
-        port: int,
         target: bytes,
         headers: Headers,
-        body: AsyncIterator[bytes] | None,
+        host: str,
+        port: int,
+        body: AsyncIterator[bytes],
     ) -> None:
-        lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
-        has_host = has_length = False
-        for name, value in headers:
-            has_host = has_host or name == b"host"
-            has_length = has_length or name == b"content-length"
-            lines.append(name + b": " + value)
-        if not has_host:
-            lines.append(b"host: " + f"{host}:{port}".encode("ascii"))
-        chunked = body is not None and not has_length
-        if chunked:
-            lines.append(b"transfer-encoding: chunked")
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
-        write_timeout = self.timeout.write
-        if body is None:
-            await connection.write(head, write_timeout)
-            return
-        await connection.write(head, write_timeout)
+        # Chunked unless the client gave a length (the proxy forwards Content-Length as it came).
+        chunked = not any(name == b"content-length" for name, _ in headers)
+        seconds = self.timeout.write
+        await connection.write(_request_head(method, target, headers, host, port, chunked), seconds)
         async for chunk in body:
             if chunked:
-                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), write_timeout)
+                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), seconds)
             else:
-                await connection.write(chunk, write_timeout)
+                await connection.write(chunk, seconds)
         if chunked:
-            await connection.write(b"0\r\n\r\n", write_timeout)
+            await connection.write(b"0\r\n\r\n", seconds)
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
