@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -67,8 +68,6 @@ def upstream_target(scope: Scope) -> bytes:
     root_path: str = scope.get("root_path", "")
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
-        from urllib.parse import quote
-
         path: str = scope["path"]
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]

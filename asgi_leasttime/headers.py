@@ -38,31 +38,32 @@ class BadRequest(ValueError):
     """A request no upstream should see: answered ``400`` with this message."""
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+def _connection_tokens(value: bytes) -> set[bytes]:
+    """The header names one ``Connection`` header lists."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def _without(headers: Headers, names: frozenset[bytes]) -> Headers:
-    return [(name, value) for name, value in headers if name not in names]
+def _without_named(headers: Headers, named: set[bytes], removed: frozenset[bytes]) -> Headers:
+    """``headers`` without those ``Connection`` named, unless they are gone already (the usual
+    ``Connection: keep-alive`` or ``close`` costs no second pass)."""
+    extra = named - removed
+    if not extra:
+        return headers
+    return [(name, value) for name, value in headers if name not in extra]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
     """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed."""
     headers: Headers = []
-    has_connection = False
+    named: set[bytes] = set()
     for name, value in raw:
         lower = name.lower()
         if lower in HOP_BY_HOP:
-            has_connection = has_connection or lower == b"connection"
+            if lower == b"connection":
+                named |= _connection_tokens(value)
             continue
         headers.append((lower, value))
-    if has_connection:
-        return _without(headers, _connection_tokens(raw))
-    return headers
+    return _without_named(headers, named, HOP_BY_HOP) if named else headers
 
 
 class RequestHeaders:
@@ -107,11 +108,13 @@ class RequestHeaders:
         headers: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None
-        has_connection = chunked = False
+        named: set[bytes] = set()  # by Connection headers
+        chunked = False
         lengths: set[bytes] = set()
         for name, value in scope["headers"]:
             if name in _REQUEST_ONLY_HOP:
-                has_connection = has_connection or name == b"connection"
+                if name == b"connection":
+                    named |= _connection_tokens(value)
                 chunked = chunked or name == b"transfer-encoding"
                 continue
             if name == b"content-length":
@@ -134,8 +137,8 @@ class RequestHeaders:
                 elif name == b"x-forwarded-host":
                     forwarded_host = value
             headers.append((name, value))
-        if has_connection:
-            headers = _without(headers, _connection_tokens(scope["headers"]))
+        if named:
+            headers = _without_named(headers, named, _REQUEST_ONLY_HOP)
         if lengths and not chunked:
             if len(lengths) > 1:
                 raise BadRequest("conflicting Content-Length headers")
