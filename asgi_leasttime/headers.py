@@ -40,7 +40,14 @@ class BadRequest(ValueError):
 
 def _connection_tokens(value: bytes) -> set[bytes]:
     """The header names one ``Connection`` header lists."""
+    if value in _PLAIN_CONNECTION:
+        return _NOTHING_NAMED  # the usual case, without a split
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+# Connection values that name no header besides the hop-by-hop ones removed anyway.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_NOTHING_NAMED: set[bytes] = set()
 
 
 def _without_named(headers: Headers, named: set[bytes], removed: frozenset[bytes]) -> Headers:

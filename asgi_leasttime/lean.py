@@ -18,11 +18,16 @@ from typing import Any
 import httptools
 import httpx
 
+from asgi_leasttime.sweeper import Sweeper
+
 __all__ = ["LeanClient", "LeanResponse"]
 
 Headers = list[tuple[bytes, bytes]]
 
 HIGH_WATER = 4 * 65536  # buffered response bytes before reading from the upstream pauses
+
+
+_FRAMING = (b"content-length", b"transfer-encoding")  # 14 and 17 bytes long
 
 
 class _Connection(asyncio.Protocol):
@@ -42,12 +47,15 @@ class _Connection(asyncio.Protocol):
         self.headers: Headers = []
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
+        self.paused = False  # reading, until HIGH_WATER bytes wait to be taken
         self.head_done = False
         self.complete = False
         self.head_only = False
+        self.framed = False  # a Content-Length or Transfer-Encoding header came
         self.ends_at_close = False  # neither length nor chunks: the body ends at close
         self.keep_alive = False
         self.wakeup: asyncio.Future[None] | None = None
+        self.waiting_since = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -90,25 +98,28 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) in (14, 17) and name.lower() in _FRAMING:
+            self.framed = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.headers = []  # an interim response (100 Continue): the real one follows
+            self.framed = False
             return
         self.status = status
         self.head_done = True
         if self.head_only:
             self.complete = True  # a response to HEAD has no body, whatever it announces
         elif status not in (204, 304):
-            framing = {name.lower() for name, _ in self.headers}
-            self.ends_at_close = not framing & {b"content-length", b"transfer-encoding"}
+            self.ends_at_close = not self.framed
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         self.chunks.append(body)
         self.buffered += len(body)
-        if self.buffered > HIGH_WATER and self.transport is not None:
+        if self.buffered > HIGH_WATER and self.transport is not None and not self.paused:
+            self.paused = True
             self.transport.pause_reading()
         self._wake()
 
@@ -130,18 +141,21 @@ class _Connection(asyncio.Protocol):
         if self.wakeup is not None and not self.wakeup.done():
             self.wakeup.set_result(None)
 
-    async def wait(self, seconds: float | None) -> None:
-        """Until something arrives (head, body, end or error), at most ``seconds``."""
+    async def wait(self, deadlines: Sweeper[_Connection] | None) -> None:
+        """Until something arrives (head, body, end or error); ``deadlines`` (None: no read
+        timeout) fails the wait when nothing came for the read timeout."""
         loop = asyncio.get_running_loop()
         wakeup = self.wakeup = loop.create_future()
-        # A bare timer rather than asyncio.timeout(): this runs for every response.
-        timer = None if seconds is None else loop.call_later(seconds, _time_out, wakeup)
+        if deadlines is None:
+            await wakeup
+            return
+        self.waiting_since = loop.time()
+        deadlines.add(self)
         try:
             await wakeup
         finally:
             self.wakeup = None
-            if timer is not None:
-                timer.cancel()
+            deadlines.discard(self)
 
     async def write(self, data: bytes, seconds: float | None) -> None:
         if self.closed or self.transport is None:
@@ -158,7 +172,8 @@ class _Connection(asyncio.Protocol):
         data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks.popleft()
         self.chunks.clear()
         self.buffered = 0
-        if self.transport is not None and not self.closed:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
             self.transport.resume_reading()
         return data
 
@@ -167,6 +182,7 @@ class _Connection(asyncio.Protocol):
             self.complete
             and not self.closed
             and not self.head_only
+            and not self.paused  # reading stopped for a body nobody took
             and self.error is None
             and self.keep_alive
         )
@@ -177,9 +193,21 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _time_out(wakeup: asyncio.Future[None]) -> None:
-    if not wakeup.done():
+def _read_deadlines(read_timeout: float | None) -> Sweeper[_Connection] | None:
+    """Checks of waiting connections, every tenth of the read timeout (5 ms to 1 s)."""
+    if read_timeout is None:
+        return None
+
+    def time_out_if_due(connection: _Connection, now: float) -> bool:
+        wakeup = connection.wakeup
+        if wakeup is None or wakeup.done():
+            return True
+        if now - connection.waiting_since < read_timeout:
+            return False
         wakeup.set_exception(httpx.ReadTimeout("upstream sent nothing for the read timeout"))
+        return True
+
+    return Sweeper(min(max(read_timeout / 10, 0.005), 1.0), time_out_if_due)
 
 
 class _Pool:
@@ -268,39 +296,45 @@ def _request_head(
     method: str, target: bytes, headers: Headers, host: str, port: int, chunked: bool
 ) -> bytes:
     lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
-    lines.extend(name + b": " + value for name, value in headers)
-    if not any(name == b"host" for name, _ in headers):
+    has_host = False
+    for name, value in headers:
+        lines.append(name + b": " + value)
+        has_host = has_host or name == b"host"
+    if not has_host:
         lines.append(b"host: " + f"{host}:{port}".encode("ascii"))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 class LeanResponse:
     """The upstream's answer: status, raw headers, and the body to stream."""
 
-    __slots__ = ("_connection", "_pool", "_timeout", "raw_headers", "status_code")
+    __slots__ = ("_connection", "_deadlines", "_pool", "raw_headers", "status_code")
 
-    def __init__(self, pool: _Pool, connection: _Connection, timeout: float | None) -> None:
+    def __init__(
+        self, pool: _Pool, connection: _Connection, deadlines: Sweeper[_Connection] | None
+    ) -> None:
         self._pool = pool
         self._connection: _Connection | None = connection
-        self._timeout = timeout
+        self._deadlines = deadlines
         self.status_code = connection.status
         self.raw_headers = connection.headers
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, undecoded."""
+    async def next_chunk(self) -> tuple[bytes, bool]:
+        """The next piece of the body as it arrives, undecoded, and whether more may follow;
+        ``(b"", False)`` at the end."""
         connection = self._connection
         assert connection is not None
         while True:
             if connection.chunks:
-                yield connection.take_body()
-            elif connection.complete:
-                return
-            elif connection.error is not None:
+                return connection.take_body(), not connection.complete
+            if connection.complete:
+                return b"", False
+            if connection.error is not None:
                 raise connection.error
-            else:
-                await connection.wait(self._timeout)
+            await connection.wait(self._deadlines)
 
     async def aclose(self) -> None:
         """Give the connection back (kept alive when the response was read to its end)."""
@@ -323,6 +357,7 @@ class LeanClient:
         self.max_connections = max_connections
         self.keepalive_expiry = keepalive_expiry
         self._pools: dict[tuple[str, int], _Pool] = {}
+        self._deadlines = _read_deadlines(timeout.read)
 
     async def send(
         self,
@@ -349,12 +384,12 @@ class LeanClient:
             while not connection.head_done:
                 if connection.error is not None:
                     raise connection.error
-                await connection.wait(self.timeout.read)
+                await connection.wait(self._deadlines)
         except BaseException:
             connection.close()
             pool.give_back(connection)
             raise
-        return LeanResponse(pool, connection, self.timeout.read)
+        return LeanResponse(pool, connection, self._deadlines)
 
     async def _write_with_body(
         self,

@@ -78,6 +78,36 @@ def minimal_httpx() -> Any:
     return app
 
 
+def minimal_lean() -> Any:
+    """The least a raw-ASGI proxy on asgi-leasttime's lean client does: the floor under ours
+    (no balancing, no header rules, no disconnect watching, no error answers)."""
+    import httpx
+
+    from asgi_leasttime.lean import LeanClient
+
+    client = LeanClient(timeout=httpx.Timeout(60))
+    targets = itertools.cycle(
+        [(url.host, url.port or 80, url.netloc) for url in map(httpx.URL, upstreams())]
+    )
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        host, port, netloc = next(targets)
+        response = await client.send(
+            scope["method"], host, port, scope["raw_path"], [(b"host", netloc)], None
+        )
+        head = [(name.lower(), value) for name, value in response.raw_headers]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": head})
+        more = True
+        while more:
+            chunk, more = await response.next_chunk()
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+        await response.aclose()
+
+    return app
+
+
 def minimal_aiohttp() -> Any:
     """The least a raw-ASGI proxy on an aiohttp session does: the fastest Python baseline."""
     import aiohttp
@@ -119,6 +149,12 @@ def fastapi_proxy_lib_app() -> Any:
     from fastapi_proxy_lib.fastapi.app import reverse_http_app
 
     return reverse_http_app(base_url=upstreams()[0] + "/")
+
+
+def answer_ok() -> Any:
+    """No proxy at all: an ASGI app that answers ``ok`` itself, the floor under any Python proxy
+    (what uvicorn alone costs per request)."""
+    return upstream()
 
 
 def upstream() -> Any:

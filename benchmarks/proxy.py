@@ -30,6 +30,7 @@ from harness import (
 )
 
 PYTHON_PROXIES = {
+    "uvicorn answering itself (no proxy)": "benchmarks.apps:answer_ok",
     "asgi-leasttime": "benchmarks.apps:ours",
     "asgi-leasttime on httpx": "benchmarks.apps:ours_on_httpx",
     "asgi-leasttime on httpx-aiohttp (candidate)": "benchmarks.apps:ours_on_httpx_aiohttp",
@@ -37,6 +38,7 @@ PYTHON_PROXIES = {
     "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",
     "minimal raw-ASGI proxy, aiohttp": "benchmarks.apps:minimal_aiohttp",
     "minimal raw-ASGI proxy, httpx": "benchmarks.apps:minimal_httpx",
+    "minimal raw-ASGI proxy, our lean client": "benchmarks.apps:minimal_lean",
 }
 CONNECTIONS = (1, 8, 64)
 

@@ -20,10 +20,20 @@ def host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+async def read_body(response: lean.LeanResponse) -> bytes:
+    """The whole body; every piece but the last says more may follow."""
+    pieces = []
+    while True:
+        chunk, more = await response.next_chunk()
+        pieces.append(chunk)
+        if not more:
+            return b"".join(pieces)
+
+
 async def get(client: LeanClient, url: str, target: bytes = b"/") -> tuple[int, bytes]:
     response = await client.send("GET", *host_port(url), target, [(b"host", b"t")], None)
     try:
-        return response.status_code, b"".join([c async for c in response.aiter_raw()])
+        return response.status_code, await read_body(response)
     finally:
         await response.aclose()
 
@@ -92,3 +102,37 @@ async def test_connection_refused_is_a_connect_error() -> None:
     with pytest.raises(httpx.ConnectError):
         await get(client, url)
     await client.aclose()
+
+
+async def test_the_last_piece_of_a_body_says_nothing_more_follows() -> None:
+    async def two_pieces(stream: anyio.abc.SocketStream) -> None:
+        await rawserver.read_head(stream)
+        await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst")
+        await anyio.sleep(0.05)
+        await stream.send(b"-last")
+
+    async with raw_upstream(two_pieces) as url:
+        client = LeanClient(timeout=httpx.Timeout(5))
+        response = await client.send("GET", *host_port(url), b"/", [], None)
+        # The proxy sends the last piece as the response's last message instead of an empty one.
+        assert await response.next_chunk() == (b"first", True)
+        assert await response.next_chunk() == (b"-last", False)
+        await response.aclose()
+        await client.aclose()
+
+
+async def test_a_read_timeout_mid_body() -> None:
+    async def stalls(stream: anyio.abc.SocketStream) -> None:
+        await rawserver.read_head(stream)
+        await stream.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst")
+        await anyio.sleep(2)
+
+    async with raw_upstream(stalls) as url:
+        client = LeanClient(timeout=httpx.Timeout(5, read=0.1))
+        response = await client.send("GET", *host_port(url), b"/", [], None)
+        assert await response.next_chunk() == (b"first", True)
+        with anyio.fail_after(1):  # checked every tenth of the read timeout
+            with pytest.raises(httpx.ReadTimeout):
+                await response.next_chunk()
+        await response.aclose()
+        await client.aclose()
