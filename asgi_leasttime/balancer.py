@@ -27,16 +27,34 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
-__all__ = ["SAMPLE_SIZE", "Balancer", "Mode", "NoAvailableServer", "Server", "UnknownServer"]
+__all__ = [
+    "EXACT_UP_TO",
+    "SAMPLED_CHOICES",
+    "SAMPLE_SIZE",
+    "Balancer",
+    "Mode",
+    "NoAvailableServer",
+    "Server",
+    "UnknownServer",
+]
 
 Mode = Literal["leasttime", "traefik"]
 
 SAMPLE_SIZE = 100
 """How many of a server's most recent TTFB samples make its average (Traefik's ``sampleSize``)."""
+
+EXACT_UP_TO = 64
+"""Default mode: pools of up to this many available servers are scanned whole on every pick;
+larger ones compare :data:`SAMPLED_CHOICES` servers drawn at random (see ``benchmarks/pick.py``
+and the large-pool scenario of ``benchmarks/sim``)."""
+
+SAMPLED_CHOICES = 4
+"""How many servers a sampled pick compares."""
 
 logger = logging.getLogger("asgi_leasttime")
 
@@ -224,6 +242,12 @@ class Balancer:
             trickle of traffic while slow sheds its slow samples once it recovers. A server with
             no sample that recent is probed with one request, as a cold server is.
         failure_penalty: default mode only. Seconds recorded as the TTFB of a failed request.
+        exact_up_to: default mode only. With more available servers than this, a pick compares
+            ``choices`` servers drawn at random instead of every server: the pick's cost stops
+            growing with the pool, and many proxies sharing the servers stop herding onto the
+            same one.
+        choices: how many servers a sampled pick compares.
+        rng: the random source of sampled picks (tests and simulations pass a seeded one).
     """
 
     def __init__(
@@ -234,6 +258,9 @@ class Balancer:
         clock: Callable[[], float] = time.perf_counter,
         stale_after: float = 5.0,
         failure_penalty: float = 1.0,
+        exact_up_to: int = EXACT_UP_TO,
+        choices: int = SAMPLED_CHOICES,
+        rng: random.Random | None = None,
     ) -> None:
         if mode not in ("leasttime", "traefik"):
             raise ValueError(f"mode must be 'leasttime' or 'traefik', not {mode!r}")
@@ -241,12 +268,18 @@ class Balancer:
             raise ValueError("stale_after must be positive")
         if failure_penalty < 0:
             raise ValueError("failure_penalty must not be negative")
+        if choices < 1:
+            raise ValueError("choices must be at least 1")
         self.mode: Mode = mode
         self.wants_health_check = wants_health_check
         self.clock = clock
         self.stale_after = stale_after
         self.failure_penalty = failure_penalty
         self._traefik = mode == "traefik"
+        # Traefik mode always scans every server, as Traefik does.
+        self.exact_up_to = math.inf if self._traefik else exact_up_to
+        self.choices = choices
+        self._random = (rng or random.Random()).random
         self._servers: dict[str, Server] = {}
         # The pick's candidates and their scores, side by side: the pick is min() over a list
         # of floats, which runs in C. Rebuilt when membership, status or fencing changes; a
@@ -389,11 +422,25 @@ class Balancer:
             raise NoAvailableServer
         if not self._traefik and self.clock() >= self._next_staleness_check:
             self._find_stale_servers()
+        if len(scores) > self.exact_up_to:
+            return self._available[self._sampled_slot()]
         best = min(scores)
         slot = scores.index(best)
         if scores.count(best) > 1:
             slot = self._earliest_deadline(best, slot)
         return self._available[slot]
+
+    def _sampled_slot(self) -> int:
+        """The lowest score of ``choices`` servers drawn at random (with replacement: cheaper,
+        and a repeat only means one candidate fewer)."""
+        scores, draw, n = self._scores, self._random, len(self._scores)
+        slot = int(draw() * n)
+        best = scores[slot]
+        for _ in range(self.choices - 1):
+            other = int(draw() * n)
+            if scores[other] < best:
+                slot, best = other, scores[other]
+        return slot
 
     def _earliest_deadline(self, score: float, first: int) -> int:
         """Break a tie by earliest deadline, and move the winner back by its share of a round."""

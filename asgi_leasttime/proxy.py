@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -72,6 +73,12 @@ class LeastTimeProxy:
             httptools (:mod:`asgi_leasttime.lean`) for plain-http upstreams, about five times
             httpx's throughput here; or ``"httpx"``. A given ``client`` or ``transport``, and
             https upstreams, always use httpx.
+        freeze_gc: on startup, move every object then alive out of the garbage collector's
+            sight (``gc.freeze()``), so its full collections scan only what came after. The
+            process's modules and the app are most of the heap, and scanning them stalled every
+            request in flight: p99 at 64 connections fell from 44 ms to 18 ms in
+            ``benchmarks/proxy.py``. It acts on the whole process; pass ``False`` to leave the
+            collector alone.
     """
 
     def __init__(
@@ -92,8 +99,10 @@ class LeastTimeProxy:
         trusted_proxies: Iterable[str] = (),
         balancer: Balancer | None = None,
         upstream_client: Literal["httpx", "lean"] = "lean",
+        freeze_gc: bool = True,
     ) -> None:
         self.app = app
+        self.freeze_gc = freeze_gc
         self.name = name
         self.sticky = sticky
         if sticky is not None:
@@ -216,6 +225,9 @@ class LeastTimeProxy:
             for upstream in self.upstreams.values():
                 self._watch(upstream, task_group)
             self._task_group = task_group
+            if self.freeze_gc:
+                gc.collect()  # garbage left from start-up is freed, not frozen
+                gc.freeze()
             try:
                 yield
             finally:

@@ -36,9 +36,9 @@ PYTHON_PROXIES = {
     "asgi-leasttime on httpx-aiohttp (candidate)": "benchmarks.apps:ours_on_httpx_aiohttp",
     "asgiproxy 0.2 (aiohttp)": "benchmarks.apps:asgiproxy_app",
     "fastapi-proxy-lib 0.3 (httpx)": "benchmarks.apps:fastapi_proxy_lib_app",
-    "minimal raw-ASGI proxy, aiohttp": "benchmarks.apps:minimal_aiohttp",
-    "minimal raw-ASGI proxy, httpx": "benchmarks.apps:minimal_httpx",
-    "minimal raw-ASGI proxy, our lean client": "benchmarks.apps:minimal_lean",
+    "minimal raw-ASGI proxy on aiohttp": "benchmarks.apps:minimal_aiohttp",
+    "minimal raw-ASGI proxy on httpx": "benchmarks.apps:minimal_httpx",
+    "minimal raw-ASGI proxy on our lean client": "benchmarks.apps:minimal_lean",
 }
 CONNECTIONS = (1, 8, 64)
 
@@ -111,8 +111,8 @@ def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namesp
     print()
     for peer in (
         "asgiproxy 0.2 (aiohttp)",
-        "minimal raw-ASGI proxy, aiohttp",
-        "minimal raw-ASGI proxy, httpx",
+        "minimal raw-ASGI proxy on aiohttp",
+        "minimal raw-ASGI proxy on httpx",
     ):
         if peer in medians:
             for c in (8, 64):
@@ -123,8 +123,14 @@ def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namesp
     nginx_c64 = medians["nginx least_conn"][64].rps
     share = ours[64].rps / nginx_c64
     print(f"- ours / nginx least_conn at c64: {share:.3f} (1/{1 / share:.1f})")
-    added = ours[1].p50_ms - medians["direct to one upstream"][1].p50_ms
-    print(f"- latency added over direct at c1 (p50): {added:.3f} ms")
+    direct = medians["direct to one upstream"][1].p50_ms
+    print(f"- latency added over direct at c1 (p50): ours {ours[1].p50_ms - direct:.3f} ms")
+    for floor in (
+        "uvicorn answering itself (no proxy)",
+        "minimal raw-ASGI proxy on our lean client",
+    ):
+        if floor in medians:
+            print(f"  - {floor}: {medians[floor][1].p50_ms - direct:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ PROXIES = {
     "asgi-leasttime on httpx": ("benchmarks.apps:ours_on_httpx", True),
     "asgiproxy 0.2 (aiohttp)": ("benchmarks.apps:asgiproxy_app", True),
     "fastapi-proxy-lib 0.3 (httpx)": ("benchmarks.apps:fastapi_proxy_lib_app", True),
-    "minimal raw-ASGI proxy, aiohttp": ("benchmarks.apps:minimal_aiohttp", False),
-    "minimal raw-ASGI proxy, httpx": ("benchmarks.apps:minimal_httpx", False),
+    "minimal raw-ASGI proxy on aiohttp": ("benchmarks.apps:minimal_aiohttp", False),
+    "minimal raw-ASGI proxy on httpx": ("benchmarks.apps:minimal_httpx", False),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -237,3 +238,57 @@ def test_weights_share_traffic_at_equal_speed() -> None:
     assert served["heavy"] == pytest.approx(30, abs=2)
     for server in held:
         balancer.release(server)
+
+
+# -- sampled picks in large pools -----------------------------------------------------------------
+
+
+def large_pool(size: int, **options: object) -> Balancer:
+    """``size`` servers answering in 1 ms to 2 ms, s0 the fastest; sampled above 4 servers."""
+    balancer = Balancer(clock=FakeClock(), exact_up_to=4, rng=random.Random(7), **options)  # type: ignore[arg-type]
+    for i in range(size):
+        server = balancer.add(f"s{i}")
+        assert server is not None
+        balancer.record_ttfb(server, 0.001 + i / size / 1000)
+    return balancer
+
+
+def test_a_pool_above_the_limit_compares_a_sample_not_everyone() -> None:
+    one_choice = large_pool(10, choices=1)
+    picks = Counter(one_choice.next_server().name for _ in range(2000))
+    assert len(picks) == 10  # one choice is a uniform draw, whatever the scores
+    assert max(picks.values()) < 2 * min(picks.values())
+
+    many = large_pool(10, choices=4)
+    picks = Counter(many.next_server().name for _ in range(2000))
+    # The best of four draws: the fastest wins whenever drawn (1 - 0.9**4 = 34 % of picks), the
+    # slowest only when drawn four times (0.01 %).
+    assert 0.28 < picks["s0"] / 2000 < 0.40
+    assert picks["s9"] <= 3
+
+
+def test_a_pool_at_the_limit_is_scanned_whole() -> None:
+    balancer = large_pool(4, choices=1)
+    assert {balancer.next_server().name for _ in range(100)} == {"s0"}
+
+
+def test_a_cold_server_in_a_sampled_pool_still_gets_one_probe() -> None:
+    balancer = large_pool(20)
+    cold = balancer.add("cold")
+    assert cold is not None
+    picks = [balancer.acquire() for _ in range(2000)]
+    assert sum(server is cold for server in picks) == 1  # scores 0 when drawn, then infinity
+
+
+def test_traefik_mode_never_samples() -> None:
+    balancer = Balancer(mode="traefik", exact_up_to=1, choices=1, rng=random.Random(1))
+    for name in ("a", "b", "c"):
+        server = balancer.add(name)
+        assert server is not None
+        balancer.record_ttfb(server, 0.005 if name == "b" else 0.009)
+    assert {balancer.next_server().name for _ in range(50)} == {"b"}
+
+
+def test_choices_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="choices"):
+        Balancer(choices=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import socket
 from collections.abc import AsyncIterator
@@ -525,3 +526,14 @@ async def test_a_wrapped_app_gets_the_lifespan_and_what_no_upstream_takes() -> N
             proxy.set_status("a", up=False)
             assert (await client.get("/")).text == "local"
     assert events == ["lifespan.startup", "lifespan.shutdown"]
+
+
+async def test_startup_freezes_the_heap_out_of_the_collectors_way_unless_told_not_to() -> None:
+    gc.unfreeze()
+    try:
+        async with LeastTimeProxy(upstreams=["http://127.0.0.1:9"], freeze_gc=False).lifespan():
+            assert gc.get_freeze_count() == 0
+        async with LeastTimeProxy(upstreams=["http://127.0.0.1:9"]).lifespan():
+            assert gc.get_freeze_count() > 1000  # the modules, the app, the test run
+    finally:
+        gc.unfreeze()  # the other tests' objects stay collectable

@@ -44,6 +44,7 @@ class Scenario:
     steady: bool = False  # compared on p99 against traefik (within 5 %)
     watch: str | None = None  # the server whose share the scenario is about
     events: dict[str, float] = field(default_factory=dict)  # named times (degrade, recover, ...)
+    large_pool: bool = False  # also compare the default mode's sampled-pick variants
 
 
 @dataclass

@@ -17,8 +17,17 @@ from asgi_leasttime import Balancer
 class BalancerPolicy:
     """asgi-leasttime's Balancer, in ``mode`` ("leasttime" or "traefik")."""
 
-    def __init__(self, names: list[str], clock: Callable[[], float], rng: random.Random, mode: str):
-        self.balancer = Balancer(mode=mode, clock=clock)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        names: list[str],
+        clock: Callable[[], float],
+        rng: random.Random,
+        mode: str,
+        **options: Any,
+    ):
+        # The balancer's own random draws (sampled picks in large pools) come from the run's seed.
+        own_rng = random.Random(rng.getrandbits(64))
+        self.balancer = Balancer(mode=mode, clock=clock, rng=own_rng, **options)  # type: ignore[arg-type]
         for name in names:
             self.balancer.add(name)
         self.by_name = {s.name: s for s in self.balancer}
@@ -146,4 +155,13 @@ POLICIES: dict[str, Callable[[list[str], Callable[[], float], random.Random], An
     "round-robin": RoundRobin,
     "p2c-least-request": P2CLeastRequest,
     "p2c-peak-ewma": P2CPeakEwma,
+}
+
+# Compared only where they differ from "default": pools larger than its exact-scan limit.
+LARGE_POOL_POLICIES: dict[str, Callable[[list[str], Callable[[], float], random.Random], Any]] = {
+    "default, exact scan": lambda n, c, r: BalancerPolicy(
+        n, c, r, "leasttime", exact_up_to=1_000_000
+    ),
+    "default, 2 choices": lambda n, c, r: BalancerPolicy(n, c, r, "leasttime", choices=2),
+    "default, 8 choices": lambda n, c, r: BalancerPolicy(n, c, r, "leasttime", choices=8),
 }

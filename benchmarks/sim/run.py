@@ -1,6 +1,6 @@
 """Run the scenarios for every policy on the same seeds, and print medians with 95% intervals.
 
-    python -m benchmarks.sim.run [--seeds 10] [--only NAME-PART] [--quick]
+    python -m benchmarks.sim.run [--seeds 10] [--only NAME-PART]
 
 From the repository's root. Each run drives the real Balancer (modes "leasttime" and "traefik");
 round robin, P2C least-request and P2C + peak-EWMA are written in benchmarks/sim/policies.py.
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from .engine import TICKS, Result, Scenario, percentile, simulate
-from .policies import POLICIES
+from .policies import LARGE_POOL_POLICIES, POLICIES
 from .scenarios import all_scenarios
 
 
@@ -82,7 +82,8 @@ def run_scenario(
 ) -> dict[str, dict[str, tuple[float, float, float]]]:
     rng = random.Random(0)
     table: dict[str, dict[str, tuple[float, float, float]]] = {}
-    for policy, factory in POLICIES.items():
+    policies = {**POLICIES, **LARGE_POOL_POLICIES} if scenario.large_pool else POLICIES
+    for policy, factory in policies.items():
         per_seed = [
             metrics_of(scenario, simulate(scenario, factory, seed)) for seed in range(1, seeds + 1)
         ]

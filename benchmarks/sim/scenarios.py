@@ -133,6 +133,28 @@ def bursts(balancers: int) -> Scenario:
     )
 
 
+def large_pool(balancers: int) -> Scenario:
+    """200 servers, one in five 3x slower: the default mode samples its picks here."""
+
+    def servers() -> list[ServerModel]:
+        return [
+            ServerModel(f"s{i}", 2, exponential(MEAN * (3 if i % 5 == 0 else 1)))
+            for i in range(200)
+        ]
+
+    rate = 0.8 * 2 * (160 / MEAN + 40 / (3 * MEAN))
+    return Scenario(
+        f"large pool: 200 servers, 40 of them 3x slower, K = {balancers}",
+        servers,
+        lambda t: rate,
+        10,
+        balancers=balancers,
+        steady=True,
+        watch="s0",
+        large_pool=True,
+    )
+
+
 def all_scenarios() -> list[Scenario]:
     return [
         one_slow(),
@@ -145,4 +167,6 @@ def all_scenarios() -> list[Scenario]:
         bursts(1),
         bursts(4),
         bursts(8),
+        large_pool(1),
+        large_pool(8),
     ]
