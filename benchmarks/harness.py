@@ -196,5 +196,13 @@ def machine() -> str:
 
 
 def selected(names: dict[str, object], only: str | None) -> list[str]:
-    """The names matching any comma-separated part of ``--only`` (all of them without it)."""
-    return [name for name in names if not only or any(part in name for part in only.split(","))]
+    """The names matching any comma-separated part of ``--only`` (all of them without it): a
+    part that is a whole name selects that name only, any other part every name containing it."""
+    if not only:
+        return list(names)
+    parts = only.split(",")
+    return [
+        name
+        for name in names
+        if any(part == name or (part not in names and part in name) for part in parts)
+    ]
