@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from benchmarks.sim.engine import simulate
-from benchmarks.sim.policies import POLICIES
+from benchmarks.sim.policies import LARGE_POOL_POLICIES, POLICIES
 from benchmarks.sim.run import metrics_of, share_between
-from benchmarks.sim.scenarios import cold_join, degrade_and_recover, fail_fast
+from benchmarks.sim.scenarios import cold_join, degrade_and_recover, fail_fast, large_pool
 
 
 def test_a_cold_slow_server_gets_one_probe_not_a_flood() -> None:
@@ -31,3 +31,15 @@ def test_a_fast_failing_server_loses_its_share_within_a_second() -> None:
     scenario = replace(fail_fast(), duration=14.0, events={"fail": 10, "recover": 14})
     default = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed=1))
     assert default["fail react s"] <= 1.0
+
+
+def test_a_large_pool_sampled_does_not_pile_onto_lucky_servers() -> None:
+    # 200 servers start cold; each answers its probe once, and with an exact scan the few whose
+    # one sample was lucky take request after request. Best of 4 at random does not.
+    scenario = replace(large_pool(1), duration=3.0)
+    exact = LARGE_POOL_POLICIES["default, exact scan"]
+    for seed in (1, 2, 3):
+        sampled_queue = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed))
+        exact_queue = metrics_of(scenario, simulate(scenario, exact, seed))
+        assert sampled_queue["max queue"] <= 15
+        assert exact_queue["max queue"] > 2 * sampled_queue["max queue"]

@@ -11,11 +11,6 @@ from asgi_leasttime.sweeper import Sweeper
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_items_are_checked_each_tick_until_the_check_says_done() -> None:
     seen: list[str] = []
     remaining = {"a": 3, "b": 1}
