@@ -89,10 +89,15 @@ def nginx_upstreams(ports: list[int], files: Path | None = None) -> str:
 
 @contextlib.contextmanager
 def uvicorn_app(
-    factory: str, upstreams: list[str], port: int, extra_env: dict[str, str] | None = None
+    factory: str,
+    upstreams: list[str],
+    port: int,
+    extra_env: dict[str, str] | None = None,
+    root: Path = ROOT,
 ) -> Iterator[int]:
-    """One uvicorn worker (uvloop and httptools where installed) serving an app factory."""
-    env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(ROOT))
+    """One uvicorn worker (uvloop and httptools where installed) serving an app factory from
+    the source tree ``root``; yields its pid."""
+    env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(root))
     env.update(extra_env or {})
     command = [
         sys.executable,
@@ -110,7 +115,7 @@ def uvicorn_app(
         "--timeout-keep-alive",
         "30",
     ]
-    process = subprocess.Popen(command, env=env, cwd=ROOT)
+    process = subprocess.Popen(command, env=env, cwd=root)
     try:
         wait_for_port(port)
         yield process.pid
@@ -121,6 +126,12 @@ def uvicorn_app(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -1,0 +1,78 @@
+"""Two or more source trees of asgi-leasttime, one against the other, in one run.
+
+    git worktree add /tmp/before HEAD~1
+    python benchmarks/ab.py /tmp/before . [--connections 1,64] [--seconds 5] [--rounds 2]
+
+Each tree's proxy (``benchmarks.apps:ours`` by default, imported from that tree) runs under one
+uvicorn worker in front of the same three nginx upstreams; the trees take turns, round after
+round. Prints the medians of requests per second, p50 and p99, and the proxy's CPU time per
+request (user + system, from /proc): on a shared machine that last figure moves less than the
+others. Needs nginx and wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from harness import (
+    cpu_seconds,
+    free_port,
+    nginx,
+    nginx_upstreams,
+    require,
+    uvicorn_app,
+    wait_for_port,
+    wrk,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trees", nargs="+", type=Path, help="source trees (with asgi_leasttime/)")
+    parser.add_argument("--connections", default="1,64")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--factory", default="benchmarks.apps:ours")
+    args = parser.parse_args()
+    require("nginx", "wrk")
+    trees = [tree.resolve() for tree in args.trees]
+    connections = [int(c) for c in args.connections.split(",")]
+    ports = [free_port() for _ in range(3)]
+    upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+    # (tree, connections) -> per round: (rps, p50 ms, p99 ms, CPU us per request)
+    figures: dict[tuple[Path, int], list[tuple[float, float, float, float]]] = defaultdict(list)
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            stack.enter_context(nginx(nginx_upstreams([port])))
+        for port in ports:
+            wait_for_port(port)
+        for round_number in range(1, args.rounds + 1):
+            print(f"round {round_number}/{args.rounds}", flush=True)
+            for tree in trees:
+                port = free_port()
+                with uvicorn_app(args.factory, upstreams, port, root=tree) as pid:
+                    url = f"http://127.0.0.1:{port}/"
+                    wrk(url, 8, 1.0)  # warm up
+                    for c in connections:
+                        before = cpu_seconds(pid)
+                        result = wrk(url, c, args.seconds)
+                        used = cpu_seconds(pid) - before
+                        per_request = used / (result.rps * args.seconds) * 1e6
+                        figures[tree, c].append(
+                            (result.rps, result.p50_ms, result.p99_ms, per_request)
+                        )
+    print("\n| tree | connections | RPS | p50 ms | p99 ms | CPU us per request |")
+    print("|---|---|---|---|---|---|")
+    for c in connections:
+        for tree in trees:
+            rounds = figures[tree, c]
+            rps, p50, p99, cpu = (statistics.median(r[i] for r in rounds) for i in range(4))
+            print(f"| {tree} | {c} | {rps:,.0f} | {p50:.3f} | {p99:.2f} | {cpu:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
