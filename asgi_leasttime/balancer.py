@@ -17,7 +17,9 @@ Two modes:
     stop tying at 0); only recent samples count (the last 100 within ``stale_after`` seconds), and
     a server with none that recent is probed again, one request at a time, so a server that was
     slow and recovered gets its share back; a cold server probed one request at a time instead of
-    flooded until its first answer; and failures recorded as slow answers instead of nothing.
+    flooded until its first answer; failures recorded as slow answers instead of nothing; and
+    each request in flight weighted by how much it is seen to delay the next (see
+    :class:`Server.queueing`) instead of as if the server answered one request at a time.
 
 Not thread-safe: call it from one event loop (the proxy's). From another thread, hand the call to
 the loop (``anyio.from_thread.run_sync`` or ``loop.call_soon_threadsafe``).
@@ -34,6 +36,7 @@ from typing import Literal
 
 __all__ = [
     "EXACT_UP_TO",
+    "QUEUEING_FLOOR",
     "SAMPLED_CHOICES",
     "SAMPLE_SIZE",
     "Balancer",
@@ -55,6 +58,9 @@ and the large-pool scenario of ``benchmarks/sim``)."""
 
 SAMPLED_CHOICES = 4
 """How many servers a sampled pick compares."""
+
+QUEUEING_FLOOR = 0.5
+"""Default mode: the least one request in flight weighs in a score, against Traefik's 1."""
 
 logger = logging.getLogger("asgi_leasttime")
 
@@ -81,6 +87,45 @@ class UnknownServer(KeyError):
         return f"no server named {self.name!r} in this balancer"
 
 
+class _Queueing:
+    """How much each request already in flight on a server delays the next one, learned from
+    its samples (default mode).
+
+    Traefik's score counts every request in flight in full, as if the server answered one at a
+    time. That holds for a server with one worker; one with many answers several at once, and
+    counting them in full sends work to slower servers that are merely idle. From the samples in
+    the average: the mean TTFB of requests sent while others were in flight, over that of
+    requests sent alone, less 1, per request alongside. Clamped between QUEUEING_FLOOR and 1;
+    1 until there are 5 samples of each kind.
+    """
+
+    __slots__ = ("alone", "alone_sum", "alongside_sum", "factor", "shared", "shared_sum")
+
+    def __init__(self) -> None:
+        self.alone = self.shared = self.alongside_sum = 0
+        self.alone_sum = self.shared_sum = 0.0
+        self.factor = 1.0
+
+    def add(self, ttfb: float, alongside: int, sign: int = 1) -> None:
+        """Count a sample (``sign=-1``: forget one) sent with ``alongside`` others in flight;
+        ``alongside < 0``: not known, not counted."""
+        if alongside == 0:
+            self.alone += sign
+            self.alone_sum = self.alone_sum + sign * ttfb if self.alone else 0.0
+        elif alongside > 0:
+            self.shared += sign
+            self.shared_sum = self.shared_sum + sign * ttfb if self.shared else 0.0
+            self.alongside_sum += sign * alongside
+        else:
+            return
+        if self.alone >= 5 and self.shared >= 5 and self.alone_sum > 0:
+            slowdown = (self.shared_sum / self.shared) / (self.alone_sum / self.alone) - 1
+            per_request = slowdown * self.shared / self.alongside_sum
+            self.factor = min(1.0, max(QUEUEING_FLOOR, per_request))
+        else:
+            self.factor = 1.0
+
+
 class Server:
     """One server of a :class:`Balancer`, with its read-only statistics.
 
@@ -90,6 +135,7 @@ class Server:
     """
 
     __slots__ = (
+        "_alongside",
         "_average",
         "_count",
         "_deadline",
@@ -98,6 +144,7 @@ class Server:
         "_index",
         "_inflight",
         "_last_sample_at",
+        "_queueing",
         "_requests",
         "_sample_times",
         "_samples",
@@ -122,6 +169,8 @@ class Server:
         self._failures = 0
         self._samples = [0.0] * SAMPLE_SIZE
         self._sample_times = [0.0] * SAMPLE_SIZE  # default mode: when each sample was taken
+        self._alongside = [-1] * SAMPLE_SIZE  # default mode: others in flight when it was sent
+        self._queueing = _Queueing()
         self._index = 0
         self._count = 0
         self._sum = 0.0
@@ -191,6 +240,14 @@ class Server:
         return self._deadline
 
     @property
+    def queueing(self) -> float:
+        """How much one request in flight weighs in the score: 1 in ``"traefik"`` mode; in the
+        default mode learned from the samples, from :data:`QUEUEING_FLOOR` for a server that
+        answers many requests at once without slowing down, to 1 for one that answers one at a
+        time (and 1 until it has enough samples sent alone and alongside others)."""
+        return self._queueing.factor
+
+    @property
     def requests(self) -> int:
         """Requests counted on this server since it was added."""
         return self._requests
@@ -200,7 +257,7 @@ class Server:
         """Failures recorded on this server since it was added."""
         return self._failures
 
-    def _add_sample(self, value: float, at: float = 0.0) -> None:
+    def _add_sample(self, value: float, at: float = 0.0, alongside: int = -1) -> None:
         samples = self._samples
         index = self._index
         if self._count < SAMPLE_SIZE:
@@ -208,7 +265,10 @@ class Server:
             self._sum += value
         else:
             self._sum += value - samples[index]
+            self._queueing.add(samples[index], self._alongside[index], -1)
         samples[index] = value
+        self._alongside[index] = alongside
+        self._queueing.add(value, alongside)
         self._sample_times[index] = at
         self._index = (index + 1) % SAMPLE_SIZE
         self._average = self._sum / self._count
@@ -222,6 +282,7 @@ class Server:
                 break
             self._count -= 1
             self._sum -= self._samples[oldest]
+            self._queueing.add(self._samples[oldest], self._alongside[oldest], -1)
         if self._count:
             self._average = self._sum / self._count
         else:
@@ -462,7 +523,9 @@ class Balancer:
             # Nothing known (cold) or nothing recent (stale): one probe, then wait for its answer.
             score = math.inf if server._inflight else 0.0
         else:
-            score = server._average * (1 + server._inflight) / server._weight
+            # Traefik mode records no "alongside", so its factor stays 1.
+            queueing = server._queueing.factor
+            score = server._average * (1 + queueing * server._inflight) / server._weight
         server._score = score
         if server._slot >= 0:
             self._scores[server._slot] = score
@@ -495,8 +558,13 @@ class Balancer:
         server._inflight -= 1
         self._rescore(server)
 
-    def record_ttfb(self, server: Server, seconds: float) -> None:
-        """Record a time to first byte, in seconds."""
+    def record_ttfb(self, server: Server, seconds: float, alongside: int | None = None) -> None:
+        """Record a time to first byte, in seconds.
+
+        ``alongside``: how many other requests the server had in flight when this one was sent
+        (``server.inflight - 1`` right after :meth:`acquire` or :meth:`track`); the default mode
+        learns from it how much a request in flight delays the next (:attr:`Server.queueing`).
+        """
         if self._traefik:
             # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
             server._add_sample(float(round(seconds * 1e9) // 1_000_000))
@@ -505,7 +573,7 @@ class Balancer:
             server._expire_before(now - self.stale_after)
             server._stale = False
             server._last_sample_at = now
-            server._add_sample(seconds, now)
+            server._add_sample(seconds, now, -1 if alongside is None else alongside)
         self._rescore(server)
 
     def record_failure(self, server: Server, ttfb: float | None = None) -> None:

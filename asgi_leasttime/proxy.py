@@ -316,11 +316,12 @@ class LeastTimeProxy:
             else:
                 await send_error(send, 503, "no available server")
             return
+        alongside = server.inflight - 1  # what the balancer learns queueing from
         try:
             upstream = self.upstreams[server.name]
             if upstream.app is not None:
                 await self._forward_in_process(
-                    upstream.app, server, scope, receive, send, set_cookie
+                    upstream.app, server, alongside, scope, receive, send, set_cookie
                 )
                 return
             try:
@@ -340,7 +341,9 @@ class LeastTimeProxy:
                 send,
                 headers,
                 extra_response_headers=set_cookie,
-                on_response=lambda outcome: self._record(server, outcome.status, outcome.ttfb),
+                on_response=lambda outcome: self._record(
+                    server, outcome.status, outcome.ttfb, alongside
+                ),
             )
             if outcome.retries and self.metrics is not None:
                 self.metrics.retried(outcome.retries)
@@ -356,14 +359,17 @@ class LeastTimeProxy:
             return lambda method, headers, body: lean.send(method, host, port, path, headers, body)
         return httpx_opener(self.client, upstream.target_url(target))
 
-    def _record(self, server: Server, status: int | None, ttfb: float | None) -> None:
+    def _record(
+        self, server: Server, status: int | None, ttfb: float | None, alongside: int | None = None
+    ) -> None:
         """Tell the balancer (and the passive check) how a request went: answered with
-        ``status`` after ``ttfb`` seconds, or never answered (``None``)."""
+        ``status`` after ``ttfb`` seconds, or never answered (``None``); it was sent with
+        ``alongside`` other requests in flight on the server."""
         failed = status is None or status >= 500
         if failed:
             self.balancer.record_failure(server, ttfb)
         else:
-            self.balancer.record_ttfb(server, ttfb or 0.0)
+            self.balancer.record_ttfb(server, ttfb or 0.0, alongside)
         if self.passive_health_check is not None:
             self.passive_health_check.record(self.balancer, server, failed)
 
@@ -371,6 +377,7 @@ class LeastTimeProxy:
         self,
         app: Any,
         server: Server,
+        alongside: int,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -383,7 +390,8 @@ class LeastTimeProxy:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                self._record(server, message["status"], time.perf_counter() - sent_at)
+                ttfb = time.perf_counter() - sent_at
+                self._record(server, message["status"], ttfb, alongside)
                 if set_cookie:
                     message = {**message, "headers": [*message.get("headers", ()), *set_cookie]}
             await send(message)

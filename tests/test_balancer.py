@@ -292,3 +292,50 @@ def test_traefik_mode_never_samples() -> None:
 def test_choices_must_be_at_least_one() -> None:
     with pytest.raises(ValueError, match="choices"):
         Balancer(choices=0)
+
+
+# -- how much a request in flight counts ----------------------------------------------------------
+
+
+def feed(balancer: Balancer, name: str, ttfb_alongside: dict[int, float], rounds: int) -> Server:
+    """``rounds`` samples per in-flight count n: TTFB ``ttfb_alongside[n]``, sent with n others."""
+    server = balancer[name]
+    for _ in range(rounds):
+        for alongside, ttfb in ttfb_alongside.items():
+            balancer.record_ttfb(server, ttfb, alongside=alongside)
+    return server
+
+
+def test_a_server_that_answers_many_at_once_counts_its_requests_in_flight_less() -> None:
+    balancer = balancer_with("parallel", "serial", "silent")
+    parallel = feed(balancer, "parallel", {0: 0.010, 1: 0.010, 2: 0.010}, 10)
+    serial = feed(balancer, "serial", {0: 0.010, 1: 0.020, 2: 0.030}, 10)
+    silent = balancer["silent"]
+    for _ in range(30):
+        balancer.record_ttfb(silent, 0.010)  # nobody said what was in flight: Traefik's 1
+    assert parallel.queueing == 0.5  # no slowdown at all, held at the floor
+    assert serial.queueing == 1.0  # each request alongside adds a whole answer
+    assert silent.queueing == 1.0
+    for server in (parallel, serial):
+        balancer.track(server)
+        balancer.track(server)
+    assert parallel.score == pytest.approx(0.010 * (1 + 0.5 * 2))
+    assert serial.score == pytest.approx(0.020 * (1 + 2))  # its average is 20 ms
+
+
+def test_the_learned_weight_needs_samples_of_both_kinds_and_follows_the_window() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("a", clock=clock)
+    server = feed(balancer, "a", {1: 0.010}, 20)
+    assert server.queueing == 1.0  # nothing sent alone yet: no comparison
+    feed(balancer, "a", {0: 0.010}, 5)
+    assert server.queueing == 0.5
+    clock.now += 10  # past stale_after: the old samples no longer count
+    feed(balancer, "a", {0: 0.010, 3: 0.040}, 5)
+    assert server.queueing == 1.0  # now three alongside cost three answers
+
+
+def test_traefik_mode_counts_every_request_in_flight_in_full() -> None:
+    balancer = balancer_with("a", mode="traefik")  # type: ignore[arg-type]
+    server = feed(balancer, "a", {0: 0.010, 2: 0.010}, 10)
+    assert server.queueing == 1.0

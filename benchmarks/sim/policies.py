@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from asgi_leasttime import Balancer
+from asgi_leasttime import Balancer, Server
 
 
 class BalancerPolicy:
@@ -33,24 +33,26 @@ class BalancerPolicy:
         self.by_name = {s.name: s for s in self.balancer}
 
     def add(self, name: str) -> None:
-        server = self.balancer.add(name)
-        assert server is not None
-        self.by_name[name] = server
+        added = self.balancer.add(name)
+        assert added is not None
+        self.by_name[name] = added
 
-    def pick(self) -> Any:
-        return self.balancer.acquire()
+    def pick(self) -> tuple[Server, int]:
+        """The server, and how many others it had in flight (as the proxy tells the balancer)."""
+        server = self.balancer.acquire()
+        return server, server.inflight - 1
 
-    def name_of(self, server: Any) -> str:
-        return str(server.name)
+    def name_of(self, picked: tuple[Server, int]) -> str:
+        return picked[0].name
 
-    def answered(self, server: Any, ttfb: float) -> None:
-        self.balancer.record_ttfb(server, ttfb)
+    def answered(self, picked: tuple[Server, int], ttfb: float) -> None:
+        self.balancer.record_ttfb(picked[0], ttfb, alongside=picked[1])
 
-    def failed(self, server: Any, ttfb: float) -> None:
-        self.balancer.record_failure(server, ttfb)
+    def failed(self, picked: tuple[Server, int], ttfb: float) -> None:
+        self.balancer.record_failure(picked[0], ttfb)
 
-    def done(self, server: Any) -> None:
-        self.balancer.release(server)
+    def done(self, picked: tuple[Server, int]) -> None:
+        self.balancer.release(picked[0])
 
 
 class _Counted:
