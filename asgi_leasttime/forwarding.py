@@ -167,9 +167,9 @@ def httpx_opener(client: httpx.AsyncClient, url: httpx.URL) -> Opener:
 
 
 # How long an exchange runs before a watcher starts listening for the client leaving. Most
-# answers are complete sooner and then no watcher task is made at all (creating, running and
-# cancelling one cost about a tenth of the proxy's time per request); a client that leaves is
-# noticed up to 1.5 times this later.
+# answers are complete sooner and then no watcher task is made at all (one made, run once and
+# cancelled costs about 10 us here, as much as the rest of the forwarding logic); a client that
+# leaves is noticed up to 1.5 times this later.
 WATCH_AFTER = 0.02
 
 _per_thread = threading.local()
@@ -202,9 +202,9 @@ async def forward_http(
     connection failures 502, timeouts 504; after the response started, a failure cuts the
     response off. A client that leaves cancels the exchange.
     """
-    exchange = _Exchange(open_upstream, where, scope, receive, send, headers)
-    exchange.extra_response_headers = extra_response_headers
-    exchange.on_response = on_response
+    exchange = _Exchange(
+        open_upstream, where, scope, receive, send, headers, extra_response_headers, on_response
+    )
     return await exchange.run()
 
 
@@ -241,6 +241,8 @@ class _Exchange:
         receive: Receive,
         send: Send,
         headers: Headers,
+        extra_response_headers: Headers | None,
+        on_response: Callable[[Outcome], None] | None,
     ) -> None:
         self.open_upstream = open_upstream
         self.where = where
@@ -248,8 +250,8 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.headers = headers
-        self.extra_response_headers: Headers | None = None
-        self.on_response: Callable[[Outcome], None] | None = None
+        self.extra_response_headers = extra_response_headers
+        self.on_response = on_response
         self.outcome = Outcome()
         self.has_body = _has_body(scope["headers"])
         self.body_read = not self.has_body
