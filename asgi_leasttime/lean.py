@@ -146,16 +146,15 @@ class _Connection(asyncio.Protocol):
         timeout) fails the wait when nothing came for the read timeout."""
         loop = asyncio.get_running_loop()
         wakeup = self.wakeup = loop.create_future()
-        if deadlines is None:
-            await wakeup
-            return
-        self.waiting_since = loop.time()
-        deadlines.add(self)
+        if deadlines is not None:
+            self.waiting_since = loop.time()
+            deadlines.add(self)
         try:
             await wakeup
         finally:
             self.wakeup = None
-            deadlines.discard(self)
+            if deadlines is not None:
+                deadlines.discard(self)
 
     async def write(self, data: bytes, seconds: float | None) -> None:
         if self.closed or self.transport is None:
