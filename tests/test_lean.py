@@ -136,3 +136,11 @@ async def test_a_read_timeout_mid_body() -> None:
                 await response.next_chunk()
         await response.aclose()
         await client.aclose()
+
+
+async def test_no_read_timeout_means_no_deadline_checks() -> None:
+    async with running(UpstreamApp("a", delay=0.05)) as url:
+        client = LeanClient(timeout=httpx.Timeout(5, read=None))
+        assert client._deadlines is None
+        assert (await get(client, url))[0] == 200
+        await client.aclose()
