@@ -75,6 +75,7 @@ SCHEMA: dict[str, Spec] = {
         "port": (int, 8000, _port),
         "workers": (int, 1, _positive),
         "name": (str, "leasttime", None),
+        "freeze_gc": (bool, True, None),
     },
     "balancer": {
         "mode": (str, "leasttime", _one_of("leasttime", "traefik")),
@@ -169,6 +170,7 @@ class Config:
         return LeastTimeProxy(
             upstreams=[Upstream(**u) for u in self.upstreams],
             name=self.section("server")["name"],
+            freeze_gc=self.section("server")["freeze_gc"],
             mode=balancer["mode"],
             pass_host_header=balancer["pass_host_header"],
             trusted_proxies=balancer["trusted_proxies"],

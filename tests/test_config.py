@@ -40,6 +40,12 @@ def test_defaults_for_a_minimal_file() -> None:
     assert proxy.sticky is None
     assert proxy.health_check is None
     assert config.section("server")["port"] == 8000
+    assert proxy.freeze_gc
+
+
+def test_the_collector_can_be_left_alone() -> None:
+    config = parse_config({"server": {"freeze_gc": False}, "upstreams": [{"url": "http://a:1"}]})
+    assert not config.build_proxy({}).freeze_gc
 
 
 @pytest.mark.parametrize(
