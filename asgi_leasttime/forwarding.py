@@ -266,9 +266,10 @@ class _Exchange:
     async def run(self) -> Outcome:
         task = self.task = asyncio.current_task()
         assert task is not None
-        self.since = task.get_loop().time()
+        loop = task.get_loop()
+        self.since = loop.time()
         watchlist = _watchlist()
-        watchlist.add(self)
+        watchlist.add(self, loop)
         try:
             await self._exchange_or_answer()
         except asyncio.CancelledError:

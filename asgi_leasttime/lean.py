@@ -148,7 +148,7 @@ class _Connection(asyncio.Protocol):
         wakeup = self.wakeup = loop.create_future()
         if deadlines is not None:
             self.waiting_since = loop.time()
-            deadlines.add(self)
+            deadlines.add(self, loop)
         try:
             await wakeup
         finally:

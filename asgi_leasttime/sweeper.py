@@ -30,17 +30,18 @@ class Sweeper(Generic[T]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, item: T) -> None:
-        """Check ``item`` from the next tick on; call from inside the event loop."""
+    def add(self, item: T, loop: asyncio.AbstractEventLoop) -> None:
+        """Check ``item`` from the next tick on; ``loop`` is the running loop (the callers
+        have it at hand already)."""
         self._items.add(item)
         if self._timer is None:
-            self._start(asyncio.get_running_loop())
-        elif self._loop is not asyncio.get_running_loop():
+            self._start(loop)
+        elif self._loop is not loop:
             # Used from another loop than before (tests run one app in several): the items
             # and the timer of the old loop are of no use any more.
             self._timer.cancel()
             self._items = {item}
-            self._start(asyncio.get_running_loop())
+            self._start(loop)
 
     def discard(self, item: T) -> None:
         """Stop checking ``item``."""

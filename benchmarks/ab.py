@@ -21,11 +21,9 @@ from pathlib import Path
 from harness import (
     cpu_seconds,
     free_port,
-    nginx,
-    nginx_upstreams,
     require,
+    start_upstreams,
     uvicorn_app,
-    wait_for_port,
     wrk,
 )
 
@@ -41,15 +39,10 @@ def main() -> None:
     require("nginx", "wrk")
     trees = [tree.resolve() for tree in args.trees]
     connections = [int(c) for c in args.connections.split(",")]
-    ports = [free_port() for _ in range(3)]
-    upstreams = [f"http://127.0.0.1:{port}" for port in ports]
     # (tree, connections) -> per round: (rps, p50 ms, p99 ms, CPU us per request)
     figures: dict[tuple[Path, int], list[tuple[float, float, float, float]]] = defaultdict(list)
     with contextlib.ExitStack() as stack:
-        for port in ports:
-            stack.enter_context(nginx(nginx_upstreams([port])))
-        for port in ports:
-            wait_for_port(port)
+        upstreams = [f"http://127.0.0.1:{port}" for port in start_upstreams(stack)]
         for round_number in range(1, args.rounds + 1):
             print(f"round {round_number}/{args.rounds}", flush=True)
             for tree in trees:

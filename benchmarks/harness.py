@@ -87,6 +87,17 @@ def nginx_upstreams(ports: list[int], files: Path | None = None) -> str:
     )
 
 
+def start_upstreams(stack: contextlib.ExitStack, count: int = 3) -> list[int]:
+    """``count`` nginx upstreams answering ``ok``, one worker each, until ``stack`` closes;
+    returns their ports once they listen."""
+    ports = [free_port() for _ in range(count)]
+    for port in ports:
+        stack.enter_context(nginx(nginx_upstreams([port])))
+    for port in ports:
+        wait_for_port(port)
+    return ports
+
+
 @contextlib.contextmanager
 def uvicorn_app(
     factory: str,

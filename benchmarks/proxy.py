@@ -21,9 +21,9 @@ from harness import (
     machine,
     median_result,
     nginx,
-    nginx_upstreams,
     require,
     selected,
+    start_upstreams,
     uvicorn_app,
     wait_for_port,
     wrk,
@@ -52,23 +52,20 @@ def main() -> None:
     require("nginx", "wrk")
     proxies = {name: PYTHON_PROXIES[name] for name in selected(PYTHON_PROXIES, args.only)}
 
-    ports = [free_port() for _ in range(3)]
-    upstreams = [f"http://127.0.0.1:{port}" for port in ports]
-    nginx_port = free_port()
-    balancer = (
-        "upstream pool { least_conn; "
-        + " ".join(f"server 127.0.0.1:{p};" for p in ports)
-        + " keepalive 128; }"
-        f" server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool;"
-        ' proxy_http_version 1.1; proxy_set_header Connection ""; } }'
-    )
     results: dict[str, dict[int, list[WrkResult]]] = defaultdict(lambda: defaultdict(list))
     with contextlib.ExitStack() as stack:
-        for port in ports:  # three upstreams, one nginx worker each
-            stack.enter_context(nginx(nginx_upstreams([port])))
+        ports = start_upstreams(stack)
+        upstreams = [f"http://127.0.0.1:{port}" for port in ports]
+        nginx_port = free_port()
+        balancer = (
+            "upstream pool { least_conn; "
+            + " ".join(f"server 127.0.0.1:{p};" for p in ports)
+            + " keepalive 128; }"
+            f" server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool;"
+            ' proxy_http_version 1.1; proxy_set_header Connection ""; } }'
+        )
         stack.enter_context(nginx(balancer))
-        for port in (*ports, nginx_port):
-            wait_for_port(port)
+        wait_for_port(nginx_port)
         fixed = {
             "direct to one upstream": upstreams[0],
             "nginx least_conn": f"http://127.0.0.1:{nginx_port}",

@@ -21,8 +21,8 @@ async def test_items_are_checked_each_tick_until_the_check_says_done() -> None:
         return remaining[item] == 0
 
     sweeper: Sweeper[str] = Sweeper(0.01, check)
-    sweeper.add("a")
-    sweeper.add("b")
+    sweeper.add("a", asyncio.get_running_loop())
+    sweeper.add("b", asyncio.get_running_loop())
     for _ in range(100):  # at most a second
         if not len(sweeper):
             break
@@ -34,7 +34,7 @@ async def test_items_are_checked_each_tick_until_the_check_says_done() -> None:
 async def test_a_discarded_item_is_not_checked_and_an_empty_sweeper_stops_ticking() -> None:
     seen: list[str] = []
     sweeper: Sweeper[str] = Sweeper(0.01, lambda item, now: seen.append(item) is None)
-    sweeper.add("gone")
+    sweeper.add("gone", asyncio.get_running_loop())
     sweeper.discard("gone")
     await asyncio.sleep(0.05)
     assert seen == []
@@ -46,10 +46,10 @@ def test_a_sweeper_moved_to_another_loop_forgets_the_old_one() -> None:
     sweeper: Sweeper[str] = Sweeper(0.01, lambda item, now: seen.append(item) is None)
 
     async def add_and_leave(item: str) -> None:
-        sweeper.add(item)
+        sweeper.add(item, asyncio.get_running_loop())
 
     async def add_and_wait(item: str) -> None:
-        sweeper.add(item)
+        sweeper.add(item, asyncio.get_running_loop())
         await asyncio.sleep(0.05)
 
     asyncio.run(add_and_leave("old"))  # its loop closes with the timer pending
