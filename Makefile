@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest docs bench bench-proxy bench-streaming clean
+.PHONY: demo test lint types pytest conformance system-deps docs bench bench-proxy bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,24 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy asgi_leasttime
 
-# The whole suite on the default (lean) upstream client, then the forwarding tests on httpx.
-pytest: $(STAMP)
+# The whole suite on the default (lean) upstream client (tests/test_framing.py and the differential
+# subset run both clients themselves), the forwarding tests on httpx, then every Python block of
+# README.md and docs/.
+pytest: $(STAMP) system-deps
 	$(BIN)/pytest
 	ASGI_LEASTTIME_TEST_CLIENT=httpx $(BIN)/pytest tests/test_proxy.py tests/test_faults.py \
 		tests/test_security.py tests/test_disconnects.py
+	ASGI_LEASTTIME_SECRET=docs-example $(BIN)/pytest --markdown-docs -p no:cacheprovider \
+		README.md docs
+
+# Every case of the differential suite: real upstreams (httpbin on gunicorn, nginx) and clients.
+conformance: $(STAMP) system-deps
+	DIFFERENTIAL=all $(BIN)/pytest tests/differential
+
+# What the tests need from Debian: nginx for the differential suite, curl as one of its clients.
+system-deps:
+	@command -v nginx >/dev/null && command -v curl >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; }
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from asgi_leasttime import __version__
 from asgi_leasttime.config import Config, ConfigError, load_config, parse_config
 
 __all__ = ["main"]
@@ -68,16 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     if admin_port is not None and workers > 1:
         print("admin: the admin endpoint needs workers = 1 (state is per worker)", file=sys.stderr)
         return 1
-    options: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "factory": True,
-        "lifespan": "on",
-        # The proxy decides which X-Forwarded-For to trust (balancer.trusted_proxies); uvicorn
-        # must not rewrite the client address from it first.
-        "proxy_headers": False,
-        "log_level": args.log_level,
-    }
+    options = uvicorn_options(host, port, args.log_level, args.http)
     if workers > 1:
         uvicorn.run("asgi_leasttime.cli:create_app", workers=workers, **options)
         return 0
@@ -85,6 +78,40 @@ def _serve(args: argparse.Namespace) -> int:
         uvicorn.run("asgi_leasttime.cli:create_app", **options)
         return 0
     return _serve_with_admin(config, options, config.section("admin")["host"], admin_port)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging set-up with the time and the process on every line, and the proxy's
+    own logger (upstreams going down and coming back) through the same handler at ``level``."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["default"]["fmt"] = "%(asctime)s [%(process)d] %(levelprefix)s %(message)s"
+    config["loggers"]["asgi_leasttime"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def uvicorn_options(host: str, port: int, log_level: str, http: str) -> dict[str, Any]:
+    """How ``serve`` runs uvicorn."""
+    return {
+        "host": host,
+        "port": port,
+        "factory": True,
+        "lifespan": "on",
+        # The proxy decides which X-Forwarded-For to trust (balancer.trusted_proxies); uvicorn
+        # must not rewrite the client address from it first.
+        "proxy_headers": False,
+        # The upstream's Date and Server reach the client; uvicorn's own would be a second pair.
+        "server_header": False,
+        "date_header": False,
+        "http": http,
+        "log_level": log_level,
+        "log_config": log_config(log_level),
+    }
 
 
 def _serve_with_admin(config: Config, options: dict[str, Any], host: str, port: int) -> int:
@@ -141,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="asgi-leasttime", description="Traefik's least-time load balancer as an ASGI app."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the proxy under uvicorn")
@@ -152,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--http", choices=("httptools", "h11"), default="httptools",
+                       help="uvicorn's HTTP parser: httptools (default, faster) or h11 (forwards "
+                       "any method token; answers HTTP/1.0 clients without chunks)")  # fmt: skip
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="check a configuration file and exit")

@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
+import h11
 import httpx
 
-from asgi_leasttime.headers import Headers, response_headers
+from asgi_leasttime.headers import BadRequest, BadResponse, Headers, response_headers
 from asgi_leasttime.sweeper import Sweeper
 
 __all__ = [
@@ -66,6 +67,11 @@ def upstream_target(scope: Scope) -> bytes:
     Bytes as the client sent them, so percent-encoding and repeated query keys survive. Starlette
     keeps the mount prefix (``root_path``) in ``raw_path``; uvicorn's ``--root-path`` does not put
     it there; either way the upstream sees the path below the mount.
+
+    A path with a dot segment (``.`` or ``..``, also percent-encoded or behind a backslash) raises
+    :class:`BadRequest`: upstreams resolve them, and ``/base/../secret`` would leave an upstream's
+    base path. Browsers and HTTP libraries resolve dot segments before they send, so only crafted
+    requests carry them.
     """
     root_path: str = scope.get("root_path", "")
     raw_path: bytes | None = scope.get("raw_path")
@@ -80,8 +86,18 @@ def upstream_target(scope: Scope) -> bytes:
             raw_path = raw_path[len(prefix) :]
     if not raw_path.startswith(b"/"):
         raw_path = b"/" + raw_path
+    if _has_dot_segment(raw_path):
+        raise BadRequest("the path has a dot segment")
     query: bytes = scope.get("query_string", b"")
     return raw_path + b"?" + query if query else raw_path
+
+
+def _has_dot_segment(raw_path: bytes) -> bool:
+    # A dot segment follows a separator; without "/." or "%" or "\\" there is none to decode.
+    if b"/." not in raw_path and b"%" not in raw_path and b"\\" not in raw_path:
+        return False
+    path = unquote_to_bytes(raw_path).replace(b"\\", b"/")
+    return any(segment in (b".", b"..") for segment in path.split(b"/"))
 
 
 def _has_body(headers: Headers) -> bool:
@@ -142,14 +158,34 @@ class HttpxResponse:
     async def next_chunk(self) -> tuple[bytes, bool]:
         """httpx does not say which piece is the last: each may have more after it."""
         if self._chunks is None:
-            self._chunks = self._response.aiter_raw()
+            # The raw stream, not aiter_raw(): that closes the response as soon as the body
+            # ends, before aclose() can look at what followed it.
+            self._chunks = aiter(self._response.stream)  # type: ignore[arg-type]
         try:
             return await anext(self._chunks), True
         except StopAsyncIteration:
             return b"", False
 
     async def aclose(self) -> None:
+        _close_if_bytes_follow(self._response)
         await self._response.aclose()
+
+
+def _close_if_bytes_follow(response: httpx.Response) -> None:
+    """httpcore starts a connection's next exchange with the bytes that followed this response
+    still buffered in h11 (a second response in the same write, a body after a 204 or a HEAD
+    answer), and would read them as the next request's answer. Marking h11's side failed makes
+    httpcore close the connection instead of pooling it. A client whose transport is not
+    httpcore's has nothing to mark."""
+    stream = getattr(getattr(response.stream, "_stream", None), "_httpcore_stream", None)
+    connection = getattr(getattr(stream, "_stream", None), "_connection", None)
+    state = getattr(connection, "_h11_state", None)
+    if (
+        isinstance(state, h11.Connection)
+        and state.their_state is h11.DONE
+        and state.trailing_data[0]
+    ):
+        state.send_failed()
 
 
 def httpx_opener(client: httpx.AsyncClient, url: httpx.URL) -> Opener:
@@ -161,6 +197,10 @@ def httpx_opener(client: httpx.AsyncClient, url: httpx.URL) -> Opener:
         # Not client.build_request(): that would merge the client's default headers
         # (Accept-Encoding among them: upstreams would compress for clients that never asked).
         request = httpx.Request(method, url, headers=headers, content=body)
+        if body is None and b"content-length" not in (name for name, _ in headers):
+            # httpx adds "Content-Length: 0" to a POST, PUT or PATCH without a body: the
+            # upstream sees the request as the client sent it.
+            request.headers.pop("content-length", None)
         return HttpxResponse(await client.send(request, stream=True))
 
     return open_upstream
@@ -385,11 +425,14 @@ class _Exchange:
                 raise
             break
         outcome.ttfb = time.perf_counter() - sent_at
-        outcome.status = response.status_code
-        if self.on_response is not None:
-            self.on_response(outcome)
         try:
-            response_head = response_headers(response.raw_headers)
+            try:
+                response_head = response_headers(response.raw_headers, response.status_code)
+            except BadResponse as exc:
+                raise httpx.RemoteProtocolError(str(exc)) from None  # a 502 and a failure
+            outcome.status = response.status_code
+            if self.on_response is not None:
+                self.on_response(outcome)
             if self.extra_response_headers:
                 response_head.extend(self.extra_response_headers)
             await self._send(

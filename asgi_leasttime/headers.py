@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["HOP_BY_HOP", "BadRequest", "RequestHeaders", "response_headers"]
+__all__ = ["HOP_BY_HOP", "BadRequest", "BadResponse", "RequestHeaders", "response_headers"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -34,8 +34,16 @@ HOP_BY_HOP = frozenset(
 _REQUEST_ONLY_HOP = HOP_BY_HOP | {b"expect"}
 
 
+_WHITESPACE = (b" ", b"\t")
+
+
 class BadRequest(ValueError):
     """A request no upstream should see: answered ``400`` with this message."""
+
+
+class BadResponse(ValueError):
+    """An upstream answer whose framing no client should be asked to trust: answered ``502``,
+    counted as the upstream's failure, and its connection closed."""
 
 
 def _connection_tokens(value: bytes) -> set[bytes]:
@@ -59,17 +67,40 @@ def _without_named(headers: Headers, named: set[bytes], removed: frozenset[bytes
     return [(name, value) for name, value in headers if name not in extra]
 
 
-def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> Headers:
-    """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed."""
+def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers:
+    """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed.
+
+    The framing is checked on the way (RFC 9112 section 6): a protocol switch nobody asked for,
+    a transfer coding other than ``chunked``, ``Content-Length`` beside ``Transfer-Encoding`` and
+    more than one ``Content-Length`` raise :class:`BadResponse`. A 204 or
+    304 answer loses its ``Content-Length``: it has no body, and the server in front would
+    otherwise wait for one.
+    """
+    if status < 200:
+        raise BadResponse(f"upstream answered {status} to a request that asked for no upgrade")
     headers: Headers = []
     named: set[bytes] = set()
+    length: bytes | None = None
+    transfer_coded = False
     for name, value in raw:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
                 named |= _connection_tokens(value)
+            elif lower == b"transfer-encoding":
+                if transfer_coded or value.strip().lower() != b"chunked":
+                    raise BadResponse(f"upstream sent Transfer-Encoding {value!r}")
+                transfer_coded = True
             continue
+        if lower == b"content-length":
+            if length is not None:  # even an equal one: nginx and llhttp refuse it too
+                raise BadResponse("upstream sent more than one Content-Length")
+            length = value = value.strip()
+            if status in (204, 304):
+                continue
         headers.append((lower, value))
+    if transfer_coded and length is not None:
+        raise BadResponse("upstream sent both Content-Length and Transfer-Encoding")
     return _without_named(headers, named, HOP_BY_HOP) if named else headers
 
 
@@ -83,6 +114,7 @@ class RequestHeaders:
       ``X-Forwarded-Host`` are set. Incoming ``X-Forwarded-*`` and ``X-Real-Ip`` headers are kept
       only when the client's address is one of ``trusted_proxies`` (addresses or networks);
       from anyone else they are removed, so a client cannot forge its address;
+    - trailing whitespace is removed from values (it is not part of a field value);
     - framing is made unambiguous (RFC 9112 section 6.3): with ``Transfer-Encoding`` the body is
       re-chunked and every ``Content-Length`` dropped; conflicting ``Content-Length`` values or
       more than one ``Host`` raise :class:`BadRequest`.
@@ -119,6 +151,8 @@ class RequestHeaders:
         chunked = False
         lengths: set[bytes] = set()
         for name, value in scope["headers"]:
+            if value[-1:] in _WHITESPACE:
+                value = value.rstrip(b" \t")  # not part of the value (RFC 9110 section 5.5)
             if name in _REQUEST_ONLY_HOP:
                 if name == b"connection":
                     named |= _connection_tokens(value)

@@ -132,7 +132,13 @@ async def watch_upstream(
     url = check.url_for(upstream.url)
     unhealthy_interval = check.unhealthy_interval or check.interval
     while still_there():
-        healthy = await probe(check, client(), url)
+        try:
+            healthy = await probe(check, client(), url)
+        except Exception:
+            # A fault of ours or of the client library: this upstream counts as unhealthy and
+            # the task goes on, since ending it would end every other upstream's checks too.
+            logger.exception("health probe of %s failed unexpectedly", url)
+            healthy = False
         report_status(balancer, upstream.name, healthy, f"active check of {url}")
         await anyio.sleep(check.interval if healthy else unhealthy_interval)
 

@@ -5,13 +5,17 @@ flow control, keep-alive reuse, explicit timeouts. No cookies, no redirects, no 
 request or response objects beyond two small classes. Errors are httpx's exception classes, so
 the forwarding code handles this client and an ``httpx.AsyncClient`` alike.
 
-Needs httptools (installed with ``uvicorn[standard]``, the ``fast`` extra).
+Framing is never ambiguous: bytes after a complete response close the connection (never reused,
+never read as another answer), trailer fields are dropped (they never join the header section), and
+an upstream that answers before it has read the whole request body has its answer returned
+(RFC 9112 section 9.6).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +32,10 @@ HIGH_WATER = 4 * 65536  # buffered response bytes before reading from the upstre
 
 
 _FRAMING = (b"content-length", b"transfer-encoding")  # 14 and 17 bytes long
+
+
+class _ExtraResponse(Exception):
+    """A second response began on a connection whose one request was already answered."""
 
 
 class _Connection(asyncio.Protocol):
@@ -54,6 +62,7 @@ class _Connection(asyncio.Protocol):
         self.framed = False  # a Content-Length or Transfer-Encoding header came
         self.ends_at_close = False  # neither length nor chunks: the body ends at close
         self.keep_alive = False
+        self.request_unfinished = False  # the body was cut short: the upstream answered first
         self.wakeup: asyncio.Future[None] | None = None
         self.waiting_since = 0.0
 
@@ -63,11 +72,19 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.complete:
+            # Bytes on a connection whose response is complete (or idle in the pool) belong to
+            # no request: whatever they are, the connection cannot be trusted with another.
+            self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             pass
         except httptools.HttpParserError as exc:
+            if self.complete:  # _ExtraResponse, or garbage after the end: the answer stands
+                self.close()
+                return
             self._fail(httpx.RemoteProtocolError(f"invalid response from upstream: {exc}"))
             if self.transport is not None:
                 self.transport.close()
@@ -96,7 +113,13 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.head_done:
+            raise _ExtraResponse  # stops the parser; data_received closes the connection
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field (httptools reports them here): never a header (RFC 9110 6.5.1)
         self.headers.append((name, value))
         if len(name) in (14, 17) and name.lower() in _FRAMING:
             self.framed = True
@@ -109,6 +132,8 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self.head_done = True
+        if status >= 300:
+            self.can_write.set()  # a writer waiting to send more body looks at this answer
         if self.head_only:
             self.complete = True  # a response to HEAD has no body, whatever it announces
         elif status not in (204, 304):
@@ -116,6 +141,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return  # a body after an answer to HEAD: the connection is not reused anyway
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None and not self.paused:
@@ -181,10 +208,17 @@ class _Connection(asyncio.Protocol):
             self.complete
             and not self.closed
             and not self.head_only
+            and not self.request_unfinished
             and not self.paused  # reading stopped for a body nobody took
             and self.error is None
             and self.keep_alive
         )
+
+    def answered_early(self) -> bool:
+        """Whether to stop sending the request body: a final answer is in and either refuses
+        the request (3xx and up) or the upstream has closed. An early 2xx on an open connection
+        may come from a server that streams its answer while it reads: it gets the whole body."""
+        return self.head_done and (self.status >= 300 or self.closed)
 
     def close(self) -> None:
         self.closed = True
@@ -300,7 +334,8 @@ def _request_head(
         lines.append(name + b": " + value)
         has_host = has_host or name == b"host"
     if not has_host:
-        lines.append(b"host: " + f"{host}:{port}".encode("ascii"))
+        authority = host if port == 80 else f"{host}:{port}"  # as httpx and browsers write it
+        lines.append(b"host: " + authority.encode("ascii"))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     lines.append(b"\r\n")
@@ -310,7 +345,7 @@ def _request_head(
 class LeanResponse:
     """The upstream's answer: status, raw headers, and the body to stream."""
 
-    __slots__ = ("_connection", "_deadlines", "_pool", "raw_headers", "status_code")
+    __slots__ = ("_connection", "_deadlines", "_ended", "_pool", "raw_headers", "status_code")
 
     def __init__(
         self, pool: _Pool, connection: _Connection, deadlines: Sweeper[_Connection] | None
@@ -318,6 +353,7 @@ class LeanResponse:
         self._pool = pool
         self._connection: _Connection | None = connection
         self._deadlines = deadlines
+        self._ended = False  # next_chunk reached the end: only then is the connection reused
         self.status_code = connection.status
         self.raw_headers = connection.headers
 
@@ -328,8 +364,11 @@ class LeanResponse:
         assert connection is not None
         while True:
             if connection.chunks:
-                return connection.take_body(), not connection.complete
+                more = not connection.complete
+                self._ended = not more
+                return connection.take_body(), more
             if connection.complete:
+                self._ended = True
                 return b"", False
             if connection.error is not None:
                 raise connection.error
@@ -339,6 +378,8 @@ class LeanResponse:
         """Give the connection back (kept alive when the response was read to its end)."""
         if self._connection is not None:
             connection, self._connection = self._connection, None
+            if not self._ended:
+                connection.close()
             self._pool.give_back(connection)
 
 
@@ -379,7 +420,16 @@ class LeanClient:
                 head = _request_head(method, target, headers, host, port, chunked=False)
                 await connection.write(head, self.timeout.write)
             else:
-                await self._write_with_body(connection, method, target, headers, host, port, body)
+                try:
+                    await self._write_with_body(
+                        connection, method, target, headers, host, port, body
+                    )
+                except httpx.WriteError:
+                    if not connection.head_done:
+                        raise
+                    # The upstream answered and closed without reading the rest (many do for
+                    # 401 or 413): its answer is the one to forward (RFC 9112 section 9.6).
+                    connection.request_unfinished = True
             while not connection.head_done:
                 if connection.error is not None:
                     raise connection.error
@@ -404,11 +454,15 @@ class LeanClient:
         chunked = not any(name == b"content-length" for name, _ in headers)
         seconds = self.timeout.write
         await connection.write(_request_head(method, target, headers, host, port, chunked), seconds)
-        async for chunk in body:
-            if chunked:
-                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), seconds)
-            else:
-                await connection.write(chunk, seconds)
+        async with contextlib.aclosing(body):  # type: ignore[type-var]
+            async for chunk in body:
+                if connection.answered_early():
+                    connection.request_unfinished = True
+                    return
+                if chunked:
+                    await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), seconds)
+                else:
+                    await connection.write(chunk, seconds)
         if chunked:
             await connection.write(b"0\r\n\r\n", seconds)
 

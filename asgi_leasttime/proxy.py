@@ -414,7 +414,13 @@ class LeastTimeProxy:
             if upstream.app is not None:
                 await upstream.app(dict(scope), receive, send)
                 return
-            url = upstream.target_url(upstream_target(scope))
-            await forward_websocket(url, scope, receive, send, self.request_headers(scope))
+            try:
+                url = upstream.target_url(upstream_target(scope))
+                headers = self.request_headers(scope)
+            except (BadRequest, httpx.InvalidURL, UnicodeError) as exc:
+                logger.info("WebSocket request refused: %s", exc)
+                await send({"type": "websocket.close", "code": 1008})  # a 403 to the handshake
+                return
+            await forward_websocket(url, scope, receive, send, headers)
         finally:
             balancer.release(server)

@@ -71,6 +71,8 @@ def _parse_url(url: str) -> httpx.URL:
         raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
     if not parsed.host:
         raise ValueError(f"upstream URL {url!r} has no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise ValueError(f"upstream URL {url!r} has port {parsed.port}, not a TCP port (1-65535)")
     if parsed.query or parsed.fragment:
         raise ValueError(f"upstream URL {url!r} must not have a query or a fragment")
     return parsed

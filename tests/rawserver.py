@@ -91,3 +91,56 @@ async def healthy(stream: anyio.abc.SocketStream) -> None:
     while True:
         await read_head(stream)
         await stream.send(OK)
+
+
+async def read_request(
+    stream: anyio.abc.SocketStream, buffered: bytes = b""
+) -> tuple[bytes, bytes]:
+    """Read one whole request (head and a Content-Length or chunked body); returns the request
+    and the bytes read past it."""
+    data = buffered
+    with anyio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:]]
+        names = {name.strip().lower(): value.strip().lower() for name, value in fields}
+        if names.get(b"transfer-encoding") == b"chunked":
+            while b"0\r\n\r\n" not in rest:
+                rest += await stream.receive(65536)
+            body, _, rest = rest.partition(b"0\r\n\r\n")
+            body += b"0\r\n\r\n"
+        else:
+            length = int(names.get(b"content-length", b"0"))
+            while len(rest) < length:
+                rest += await stream.receive(65536)
+            body, rest = rest[:length], rest[length:]
+    return head + b"\r\n\r\n" + body, rest
+
+
+class Scripted:
+    """A raw upstream that answers each request on a connection with ``answer(request)``
+    (bytes, written in one send) and records every request with its connection's number."""
+
+    def __init__(self, answer: Callable[[bytes], bytes], *, close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, request bytes)
+        self.connections = 0
+
+    async def __call__(self, stream: anyio.abc.SocketStream) -> None:
+        self.connections += 1
+        number, rest = self.connections, b""
+        while True:
+            request, rest = await read_request(stream, rest)
+            self.requests.append((number, request))
+            await stream.send(self.answer(request))
+            if self.close_after:
+                return
+
+    def per_connection(self) -> list[int]:
+        """How many requests each connection carried."""
+        counts: dict[int, int] = {}
+        for number, _ in self.requests:
+            counts[number] = counts.get(number, 0) + 1
+        return list(counts.values())

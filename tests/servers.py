@@ -251,10 +251,11 @@ class UpstreamApp:
 
 
 @contextlib.contextmanager
-def running_in_thread(app: Any, **options: Any) -> Iterator[str]:
+def running_in_thread(app: Any, port: int = 0, **options: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a thread of its own, for synchronous tests (hypothesis)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     options.setdefault("log_level", "warning")
     options.setdefault("proxy_headers", False)

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,3 +89,76 @@ def test_serve_refuses_a_bad_configuration(tmp_path: object) -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     assert finished.returncode == 1
     assert "upstreams[0].url" in finished.stderr
+
+
+def test_version() -> None:
+    from asgi_leasttime import __version__
+
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "--version"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert (finished.returncode, finished.stdout.strip()) == (0, f"asgi-leasttime {__version__}")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999", "http://127.0.0.1:0"])
+def test_check_names_the_key_of_a_port_out_of_range(tmp_path: Path, url: str) -> None:
+    config = tmp_path / "lb.toml"
+    config.write_text(f'[[upstreams]]\nurl = "{url}"\n')
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "check", str(config)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert finished.returncode == 1
+    assert "upstreams[0].url" in finished.stderr
+    assert "not a TCP port" in finished.stderr
+
+
+def test_serve_sends_one_date_and_one_server_the_upstreams(upstream_urls: list[str]) -> None:
+    process, port = serve("--upstream", upstream_urls[0])
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(15) == 0
+    assert response.headers["x-upstream"] == "a"
+    assert len(response.headers.get_list("date")) == 1
+    assert response.headers.get_list("server") == ["uvicorn"]  # the upstream's
+
+
+def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Path) -> None:
+    dead = free_port()
+    config = tmp_path / "lb.toml"
+    config.write_text(
+        f'[[upstreams]]\nurl = "http://127.0.0.1:{dead}"\nname = "late"\n'
+        '[health_check]\npath = "/health"\ninterval = 0.2\ntimeout = 0.5\n'
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stderr is not None
+        lines.extend(iter(process.stderr.readline, ""))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        wait_for_port(port, process)
+        deadline = time.monotonic() + 10
+        while not any("is down" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with running_in_thread(UpstreamApp("late"), port=dead):
+            while not any("up again" in line for line in lines) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)  # before the upstream goes away again
+            process.wait(15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        reader.join(5)
+    down = [line for line in lines if "'late' is down" in line]
+    up = [line for line in lines if "'late' is up again" in line]
+    assert (len(down), len(up)) == (1, 1), lines
+    assert (" WARNING: " in down[0], f"[{process.pid}]" in down[0]) == (True, True)
+    assert (" INFO: " in up[0], f"[{process.pid}]" in up[0]) == (True, True)
+    assert down[0][:4].isdigit()  # the time comes first

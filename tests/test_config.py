@@ -20,7 +20,7 @@ def errors_of(document: dict[str, Any]) -> list[str]:
 
 
 def test_the_example_builds_the_proxy_it_describes() -> None:
-    proxy = load_config(EXAMPLE).build_proxy({"LB_SECRET": "new,old"})
+    proxy = load_config(EXAMPLE).build_proxy({"ASGI_LEASTTIME_SECRET": "new,old"})
     assert proxy.name == "shop"
     assert list(proxy.upstreams) == ["a", "b"]
     assert proxy.balancer["b"].weight == 2
@@ -132,7 +132,7 @@ def test_check_command_lists_the_mistakes(
 def test_check_command_on_a_good_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("LB_SECRET", "a secret")
+    monkeypatch.setenv("ASGI_LEASTTIME_SECRET", "a secret")
     assert main(["check", str(EXAMPLE)]) == 0
     assert "ok (2 upstreams: a, b)" in capsys.readouterr().out
 

@@ -413,3 +413,30 @@ async def test_nested_balancers_follow_their_upstreams_health_over_http() -> Non
         assert served["third"] + served["fourth"] == 4
         await pool.start("second")
         await wait_until(lambda: top.balancer["A"].up, limit=WITHIN)
+
+
+async def test_a_probe_that_raises_stops_no_other_upstreams_checks(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A fault inside one probe (an OverflowError from a socket call, say) counts that upstream
+    as down and is logged; every other upstream's checks go on."""
+    probes: Counter[str] = Counter()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        probes[request.url.host] += 1
+        if request.url.host == "10.0.0.1":
+            raise OverflowError("port must be 0-65535")
+        return httpx.Response(200)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    proxy = LeastTimeProxy(
+        upstreams=[Upstream("http://10.0.0.1", name="odd"), Upstream("http://10.0.0.2", name="ok")],
+        client=client,
+        health_check=HealthCheck(interval=0.01),
+    )
+    async with proxy.lifespan():
+        await wait_until(lambda: probes["10.0.0.1"] >= 3 and probes["10.0.0.2"] >= 3)
+        assert not proxy.balancer["odd"].up
+        assert proxy.balancer["ok"].up
+    await client.aclose()
+    assert "health probe of http://10.0.0.1/health failed unexpectedly" in caplog.text
