@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,6 +95,8 @@ class _Connection(asyncio.Protocol):
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.complete:
+            self._read_what_is_left()
         self.closed = True
         if self.ends_at_close and exc is None:
             self.complete = True
@@ -104,6 +108,31 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(httpx.RemoteProtocolError("upstream closed without a response"))
         self.can_write.set()
+        self._wake()
+
+    async def until_closed(self) -> None:
+        """Until connection_lost has run (the transport is closing already)."""
+        while not self.closed:
+            await self.wait(None)
+
+    def _read_what_is_left(self) -> None:
+        """Read the answer an upstream sent before it reset the connection.
+
+        An upstream that answers early (a 401 or 413 before the request body is read) and
+        closes with the body unread resets the connection. A write that meets the reset closes
+        the transport before its reader has seen the answer, which is still in the socket: the
+        socket is open until this callback returns, so read it from a duplicate of it.
+        """
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.setblocking(False)
+            for _ in range(64):  # the answer, not a whole body: the connection is gone
+                data = dup.recv(65536)
+                if not data:
+                    break
+                self.data_received(data)
 
     def pause_writing(self) -> None:
         self.can_write.clear()
@@ -184,7 +213,7 @@ class _Connection(asyncio.Protocol):
                 deadlines.discard(self)
 
     async def write(self, data: bytes, seconds: float | None) -> None:
-        if self.closed or self.transport is None:
+        if self.closed or self.transport is None or self.transport.is_closing():
             raise self.error or httpx.WriteError("upstream connection closed")
         self.transport.write(data)
         if not self.can_write.is_set():
@@ -425,6 +454,7 @@ class LeanClient:
                         connection, method, target, headers, host, port, body
                     )
                 except httpx.WriteError:
+                    await connection.until_closed()  # it reads what the upstream sent last
                     if not connection.head_done:
                         raise
                     # The upstream answered and closed without reading the rest (many do for

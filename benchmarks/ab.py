@@ -2,6 +2,7 @@
 
     git worktree add /tmp/before HEAD~1
     python benchmarks/ab.py /tmp/before . [--connections 1,64] [--seconds 5] [--rounds 2]
+    python benchmarks/ab.py . --http httptools,h11    # uvicorn's two HTTP parsers in front
 
 Each tree's proxy (``benchmarks.apps:ours`` by default, imported from that tree) runs under one
 uvicorn worker in front of the same three nginx upstreams; the trees take turns, round after
@@ -35,19 +36,28 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--factory", default="benchmarks.apps:ours")
+    parser.add_argument(
+        "--http", default="auto", help="uvicorn's --http, or several: h11,httptools"
+    )
     args = parser.parse_args()
     require("nginx", "wrk")
-    trees = [tree.resolve() for tree in args.trees]
+    parsers = args.http.split(",")
+    trees = [
+        (tree.resolve(), http) for tree in args.trees for http in parsers
+    ]  # each tree behind each parser
     connections = [int(c) for c in args.connections.split(",")]
-    # (tree, connections) -> per round: (rps, p50 ms, p99 ms, CPU us per request)
-    figures: dict[tuple[Path, int], list[tuple[float, float, float, float]]] = defaultdict(list)
+    # ((tree, parser), connections) -> per round: (rps, p50 ms, p99 ms, CPU us per request)
+    figures: dict[tuple[tuple[Path, str], int], list[tuple[float, float, float, float]]] = (
+        defaultdict(list)
+    )
     with contextlib.ExitStack() as stack:
         upstreams = [f"http://127.0.0.1:{port}" for port in start_upstreams(stack)]
         for round_number in range(1, args.rounds + 1):
             print(f"round {round_number}/{args.rounds}", flush=True)
             for tree in trees:
                 port = free_port()
-                with uvicorn_app(args.factory, upstreams, port, root=tree) as pid:
+                root, http = tree
+                with uvicorn_app(args.factory, upstreams, port, root=root, http=http) as pid:
                     url = f"http://127.0.0.1:{port}/"
                     wrk(url, 8, 1.0)  # warm up
                     for c in connections:
@@ -64,7 +74,8 @@ def main() -> None:
         for tree in trees:
             rounds = figures[tree, c]
             rps, p50, p99, cpu = (statistics.median(r[i] for r in rounds) for i in range(4))
-            print(f"| {tree} | {c} | {rps:,.0f} | {p50:.3f} | {p99:.2f} | {cpu:.0f} |")
+            label = f"{tree[0]} ({tree[1]})" if len(parsers) > 1 else str(tree[0])
+            print(f"| {label} | {c} | {rps:,.0f} | {p50:.3f} | {p99:.2f} | {cpu:.0f} |")
 
 
 if __name__ == "__main__":

@@ -105,9 +105,10 @@ def uvicorn_app(
     port: int,
     extra_env: dict[str, str] | None = None,
     root: Path = ROOT,
+    http: str = "auto",
 ) -> Iterator[int]:
-    """One uvicorn worker (uvloop and httptools where installed) serving an app factory from
-    the source tree ``root``; yields its pid."""
+    """One uvicorn worker (uvloop, and httptools where installed unless ``http`` says h11)
+    serving an app factory from the source tree ``root``; yields its pid."""
     env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(root))
     env.update(extra_env or {})
     command = [
@@ -125,6 +126,8 @@ def uvicorn_app(
         "--no-access-log",
         "--timeout-keep-alive",
         "30",
+        "--http",
+        http,
     ]
     process = subprocess.Popen(command, env=env, cwd=root)
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import socketserver
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import anyio.abc
@@ -144,3 +146,37 @@ class Scripted:
         for number, _ in self.requests:
             counts[number] = counts.get(number, 0) + 1
         return list(counts.values())
+
+
+@contextlib.contextmanager
+def threaded_upstream(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """Serve ``handle`` for every connection from threads with blocking sockets, outside the
+    test's event loop: how a WSGI server on its own process answers, timing included."""
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.settimeout(5)
+            with contextlib.suppress(OSError):
+                handle(self.request)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def answer_and_reset(sock: socket.socket) -> None:
+    """Answer 401 once the head is in and close with the body unread, which resets the
+    connection: what gunicorn's sync workers do for an early answer."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    sock.sendall(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 12\r\n\r\nunauthorized")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
