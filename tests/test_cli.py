@@ -162,3 +162,35 @@ def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Pat
     assert (" WARNING: " in down[0], f"[{process.pid}]" in down[0]) == (True, True)
     assert (" INFO: " in up[0], f"[{process.pid}]" in up[0]) == (True, True)
     assert down[0][:4].isdigit()  # the time comes first
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_the_front_end_parsers_trade(http: str) -> None:
+    """What docs/deployment.md says of --http: h11 forwards any method token and answers
+    HTTP/1.0 clients without chunks; httptools (the default, twice as fast) refuses an unknown
+    method with 400 and chunks an answer of unknown length even for HTTP/1.0."""
+    with running_in_thread(UpstreamApp("a"), http="h11") as upstream:  # takes any method
+        process, port = serve("--upstream", upstream, "--http", http)
+        try:
+            custom = raw_request(port, b"FOO / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            old = raw_request(port, b"GET /r/stream HTTP/1.0\r\nhost: x\r\n\r\n")
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert process.wait(15) == 0
+    chunked = b"transfer-encoding: chunked" in old.lower()
+    if http == "h11":
+        assert custom.startswith(b"HTTP/1.1 200 ")
+        assert b'"method": "FOO"' in custom
+        assert not chunked
+    else:
+        assert custom.startswith(b"HTTP/1.1 400 ")
+        assert chunked
