@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,6 +29,24 @@ async def wait_until(condition: Callable[[], bool], limit: float = 5.0) -> None:
     with anyio.fail_after(limit):
         while not condition():  # noqa: ASYNC110 - the state has no event to wait on
             await anyio.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[Any], limit: float = 20) -> None:
+    """Until something listens on ``port``; fails if ``process`` exits first or after ``limit``."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args!r} exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port} after {limit} s")
 
 
 @contextlib.asynccontextmanager

@@ -16,25 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import UpstreamApp, running_in_thread
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], limit: float = 15) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the proxy exited early"
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port} after {limit} s")
+from tests.servers import UpstreamApp, free_port, running_in_thread, wait_for_port
 
 
 @pytest.fixture

@@ -17,12 +17,9 @@ import os
 import shutil
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +30,8 @@ import httpx
 import requests
 
 from asgi_leasttime import LeastTimeProxy, Upstream
-from tests.servers import running_in_thread
+from tests.rawserver import threaded_upstream
+from tests.servers import free_port, running_in_thread, wait_for_port
 
 Headers = list[tuple[str, str]]
 
@@ -71,23 +69,6 @@ class Answer:
 
 
 # -- the upstreams --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], limit: float = 20) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {limit} s")
 
 
 @contextlib.contextmanager
@@ -180,54 +161,40 @@ def nginx() -> Iterator[str]:
             yield url
 
 
-class RawUpstream(socketserver.ThreadingTCPServer):
+@contextlib.contextmanager
+def raw_upstream(answer: Callable[[bytes], bytes]) -> Iterator[str]:
     """A socket upstream that answers each request with ``answer(request head)``, as bytes
     written at once, whatever HTTP says about them."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
-        self.answer = answer
-        super().__init__(("127.0.0.1", 0), _RawHandler)
-
-
-class _RawHandler(socketserver.BaseRequestHandler):
-    server: RawUpstream
-
-    def handle(self) -> None:
-        self.request.settimeout(5)
+    def serve(sock: socket.socket) -> None:
         data = b""
-        with contextlib.suppress(OSError):
-            while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = self.request.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(data) < length:
-                    data += self.request.recv(65536)
-                data = data[length:]
-                self.request.sendall(self.server.answer(head))
+        while True:
+            request, data = read_request(sock, data)
+            if not request:
+                return
+            sock.sendall(answer(request))
+
+    with threaded_upstream(serve) as url:
+        yield url
 
 
-@contextlib.contextmanager
-def raw_upstream(answer: Callable[[bytes], bytes]) -> Iterator[str]:
-    server = RawUpstream(answer)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+def read_request(sock: socket.socket, data: bytes) -> tuple[bytes, bytes]:
+    """One request head from ``sock`` (its Content-Length body read past); the head and the
+    bytes after the request. An empty head when the client closed."""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"", b""
+        data += chunk
+    head, _, data = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(data) < length:
+        data += sock.recv(65536)
+    return head, data[length:]
 
 
 @contextlib.contextmanager
