@@ -2,6 +2,7 @@
 
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server, UnknownServer
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
+from asgi_leasttime.lease import Lease
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Balancer",
     "HealthCheck",
+    "Lease",
     "LeastTimeProxy",
     "Mode",
     "NoAvailableServer",

@@ -34,6 +34,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Literal
 
+from asgi_leasttime.lease import Lease, OutcomeListener
+from asgi_leasttime.options import OptionError
+
 __all__ = [
     "EXACT_UP_TO",
     "QUEUEING_FLOOR",
@@ -324,7 +327,7 @@ class Balancer:
         rng: random.Random | None = None,
     ) -> None:
         if mode not in ("leasttime", "traefik"):
-            raise ValueError(f"mode must be 'leasttime' or 'traefik', not {mode!r}")
+            raise OptionError("mode", "must be one of 'leasttime', 'traefik'")
         if stale_after <= 0:
             raise ValueError("stale_after must be positive")
         if failure_penalty < 0:
@@ -351,6 +354,7 @@ class Balancer:
         self._current_deadline = 0.0
         self._next_staleness_check = 0.0
         self._updaters: list[Callable[[bool], None]] = []
+        self._outcome_listeners: list[OutcomeListener] = []
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -453,6 +457,10 @@ class Balancer:
             )
         self._updaters.append(updater)
 
+    def unregister_status_updater(self, updater: Callable[[bool], None]) -> None:
+        """Stop calling ``updater`` (a parent that removed this balancer's proxy)."""
+        self._updaters.remove(updater)
+
     def _membership_changed(self, was_up: bool) -> None:
         for server in self._available:
             server._slot = -1
@@ -541,29 +549,48 @@ class Balancer:
 
     # -- counting and timing ----------------------------------------------------------------------
 
-    def acquire(self) -> Server:
-        """Pick a server and count one request in flight on it, with nothing in between."""
+    def acquire(self) -> Lease:
+        """Pick a server and count one request in flight on it, with nothing in between; the
+        :class:`~asgi_leasttime.lease.Lease` records how the request went and gives it back."""
         server = self.next_server()
         self.track(server)
-        return server
+        return Lease(self, server)
+
+    def lease(self, server: Server) -> Lease:
+        """Count a request in flight on a server chosen without a pick (a sticky request): sticky
+        traffic weighs on the scores too."""
+        self.track(server)
+        return Lease(self, server)
+
+    def register_outcome_listener(self, listener: OutcomeListener) -> None:
+        """Call ``listener(lease)`` once per lease, as soon as its outcome is known: answered or
+        failed when the answer (or its absence) is seen, abandoned when it is given back with
+        neither. The passive health check listens here."""
+        self._outcome_listeners.append(listener)
+
+    def _tell_listeners(self, lease: Lease) -> None:
+        for listener in self._outcome_listeners:
+            listener(lease)
+
+    # The primitives a lease is made of, for the simulator and for tests that port Traefik's.
 
     def track(self, server: Server) -> None:
-        """Count a request in flight on a server chosen without a pick (a sticky request)."""
+        """Count a request in flight on a server (a lease does it for you)."""
         server._inflight += 1
         server._requests += 1
         self._rescore(server)
 
     def release(self, server: Server) -> None:
-        """The request counted by :meth:`acquire` or :meth:`track` is over, however it ended."""
+        """The request counted by :meth:`track` is over (a lease does it for you)."""
         server._inflight -= 1
         self._rescore(server)
 
-    def record_ttfb(self, server: Server, seconds: float, alongside: int | None = None) -> None:
-        """Record a time to first byte, in seconds.
+    def record_ttfb(self, server: Server, seconds: float, *, alongside: int | None = None) -> None:
+        """Record a time to first byte, in seconds (:meth:`Lease.answered` does it for you).
 
         ``alongside``: how many other requests the server had in flight when this one was sent
-        (``server.inflight - 1`` right after :meth:`acquire` or :meth:`track`); the default mode
-        learns from it how much a request in flight delays the next (:attr:`Server.queueing`).
+        (:attr:`Lease.alongside`); the default mode learns from it how much a request in flight
+        delays the next (:attr:`Server.queueing`). Without it nothing is learned.
         """
         if self._traefik:
             # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
@@ -577,7 +604,8 @@ class Balancer:
         self._rescore(server)
 
     def record_failure(self, server: Server, ttfb: float | None = None) -> None:
-        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx.
+        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx
+        (:meth:`Lease.failed` and :meth:`Lease.answered` do it for you).
 
         Traefik times whatever answered and ignores what did not, which makes a fast-failing
         server look fast; the default mode records ``failure_penalty`` seconds instead.

@@ -148,7 +148,8 @@ def _print_errors(source: str, error: ConfigError) -> None:
 def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
-        config.build_proxy()
+        if "sticky" in config.optional:
+            config.secret_keys()  # the one thing the file leaves to the environment
     except ConfigError as exc:
         _print_errors(args.config, exc)
         return 1

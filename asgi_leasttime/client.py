@@ -4,9 +4,6 @@ httpx's defaults suit a browser-like client, not a proxy: a 5 s read timeout, on
 connections shared by every host, a cookie jar that remembers what one user's upstream set and
 sends it with the next user's request, and redirects to follow. This module makes the client the
 proxy creates, and defines the pieces a caller's own client needs too.
-
-The transport under the client is the seam for speed: anything that implements
-``httpx.AsyncBaseTransport`` can carry the proxy's requests without the forwarding code changing.
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from asgi_leasttime.options import check_not_negative, check_positive
+
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_TIMEOUT",
@@ -25,19 +24,47 @@ __all__ = [
     "PerOriginTransport",
     "create_client",
     "forget_cookies",
+    "limits",
+    "timeouts",
 ]
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=60.0, pool=10.0)
-"""Connect 5 s; 60 s between two reads or writes (long enough for slow pages and long polls, short
-enough to free a hung upstream); 10 s waiting for a free connection in a full pool."""
 
-DEFAULT_LIMITS = httpx.Limits(
-    max_connections=512, max_keepalive_connections=512, keepalive_expiry=4.0
-)
-"""Per upstream. Keep-alive connections as many as connections, since a smaller idle pool makes
-httpcore close and reopen connections under load. Idle ones expire after 4 s, before the 5 s after
-which uvicorn closes an idle keep-alive connection, so the proxy does not reuse one the upstream is
-closing."""
+def timeouts(
+    *, connect: float = 5.0, read: float = 60.0, write: float = 60.0, pool: float = 10.0
+) -> httpx.Timeout:
+    """The proxy's timeouts, in seconds, checked: connecting; between two reads or two writes
+    (long enough for slow pages and long polls, short enough to free a hung upstream); waiting
+    for a free connection in a full pool. The ``[timeouts]`` table of the configuration file."""
+    for option, value in (("connect", connect), ("read", read), ("write", write), ("pool", pool)):
+        check_positive(option, value)
+    return httpx.Timeout(connect=connect, read=read, write=write, pool=pool)
+
+
+def limits(
+    *,
+    max_connections: int = 512,
+    max_keepalive_connections: int = 512,
+    keepalive_expiry: float = 4.0,
+) -> httpx.Limits:
+    """Connections per upstream, checked. Keep-alive connections as many as connections, since a
+    smaller idle pool closes and reopens connections under load. Idle ones expire after 4 s,
+    before the 5 s after which uvicorn closes an idle keep-alive connection, so the proxy does not
+    reuse one the upstream is closing. The ``[limits]`` table of the configuration file."""
+    check_positive("max_connections", max_connections)
+    check_not_negative("max_keepalive_connections", max_keepalive_connections)
+    check_not_negative("keepalive_expiry", keepalive_expiry)
+    return httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        keepalive_expiry=keepalive_expiry,
+    )
+
+
+DEFAULT_TIMEOUT = timeouts()
+"""The timeouts of :func:`timeouts`' defaults."""
+
+DEFAULT_LIMITS = limits()
+"""The limits of :func:`limits`' defaults, per upstream."""
 
 
 class NoCookies(http.cookiejar.CookieJar):

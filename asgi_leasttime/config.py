@@ -1,5 +1,11 @@
 """The TOML configuration file: read with the standard library, checked key by key.
 
+Nothing here declares an option. Each table of the file is the keyword parameters of the
+constructors it feeds (``[health_check]`` is :class:`HealthCheck`'s, ``[[upstreams]]`` is
+:class:`Upstream`'s, ...): the keys, their types and their defaults are read from the signatures,
+and the values are judged by building what they describe, so the constructor's own checks
+(:class:`~asgi_leasttime.options.OptionError`) speak for the key at fault.
+
 Every mistake is reported with the key it concerns and what is wrong, all of them at once, so
 ``asgi-leasttime check lb.toml`` can list them. Option names are Traefik's, in snake case, where
 Traefik has one (``pass_host_header``, ``max_age``, ``unhealthy_interval``, ...).
@@ -7,28 +13,37 @@ Traefik has one (``pass_host_header``, ``max_age``, ``unhealthy_interval``, ...)
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import ipaddress
-import math
+import inspect
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from asgi_leasttime.balancer import Balancer
+from asgi_leasttime.client import limits, timeouts
+from asgi_leasttime.headers import RequestHeaders
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
+from asgi_leasttime.options import OptionError, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = [
+    "AdminOptions",
+    "Config",
+    "ConfigError",
+    "ServerOptions",
+    "load_config",
+    "parse_config",
+]
 
 DEFAULT_SECRET_ENV = "ASGI_LEASTTIME_SECRET"
-
-Check = Callable[[Any], str | None]  # a message when the value is wrong
 
 
 class ConfigError(ValueError):
@@ -39,128 +54,201 @@ class ConfigError(ValueError):
         self.errors = errors
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 and math.isfinite(value) else "must be a positive number"
+# -- the options of the file's own: where the command line listens --------------------------------
 
 
-def _not_negative(value: Any) -> str | None:
-    return None if value >= 0 and math.isfinite(value) else "must not be negative"
+@dataclass(frozen=True)
+class ServerOptions:
+    """Where ``asgi-leasttime serve`` listens (``[server]``, with the proxy's ``name`` and
+    ``freeze_gc``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        check_port("port", self.port)
+        check_positive("workers", self.workers)
 
 
-def _port(value: Any) -> str | None:
-    return None if 0 < value < 65536 else "must be a TCP port (1-65535)"
+@dataclass(frozen=True)
+class AdminOptions:
+    """Where the admin app listens (``[admin]``); present, it turns the admin app on."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        check_port("port", self.port)
 
 
-def _one_of(*choices: str) -> Check:
-    def check(value: Any) -> str | None:
-        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
-
-    return check
-
-
-def _http_url(value: Any) -> str | None:
-    try:
-        Upstream(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _balancer_options(
+    *, mode: Any = "leasttime", pass_host_header: Any = True, trusted_proxies: Any = ()
+) -> None:
+    """Judge ``[balancer]`` with the parts its keys configure (their defaults are the proxy's)."""
+    Balancer(mode=mode)
+    RequestHeaders(pass_host_header=pass_host_header, trusted_proxies=trusted_proxies)
 
 
-# section -> key -> (accepted types, default, extra check)
-Spec = dict[str, tuple[type | tuple[type, ...], Any, Check | None]]
-NUMBER = (int, float)
-SCHEMA: dict[str, Spec] = {
-    "server": {
-        "host": (str, "127.0.0.1", None),
-        "port": (int, 8000, _port),
-        "workers": (int, 1, _positive),
-        "name": (str, "leasttime", None),
-        "freeze_gc": (bool, True, None),
-    },
-    "balancer": {
-        "mode": (str, "leasttime", _one_of("leasttime", "traefik")),
-        "pass_host_header": (bool, True, None),
-        "trusted_proxies": (list, [], None),
-    },
-    "upstream": {
-        "url": (str, None, _http_url),
-        "name": (str, None, None),
-        "weight": (NUMBER, 1, _not_negative),
-        "fenced": (bool, False, None),
-    },
-    "sticky": {
-        "name": (str, None, None),
-        "secret_key": ((str, list), None, None),
-        "secret_key_env": (str, DEFAULT_SECRET_ENV, None),
-        "secure": (bool, False, None),
-        "httponly": (bool, False, None),
-        "samesite": (str, None, _one_of("none", "lax", "strict", "None", "Lax", "Strict")),
-        "max_age": (int, None, _not_negative),
-        "path": (str, "/", None),
-        "domain": (str, None, None),
-        "sliding": (bool, False, None),
-    },
-    "health_check": {
-        "path": (str, "/health", None),
-        "scheme": (str, None, _one_of("http", "https")),
-        "port": (int, None, _port),
-        "method": (str, "GET", None),
-        "hostname": (str, None, None),
-        "headers": (dict, {}, None),
-        "follow_redirects": (bool, True, None),
-        "status": (int, 0, None),
-        "interval": (NUMBER, 30.0, _positive),
-        "timeout": (NUMBER, 5.0, _positive),
-        "unhealthy_interval": (NUMBER, None, _positive),
-    },
-    "passive_health_check": {
-        "failure_window": (NUMBER, 10.0, _positive),
-        "max_failed_attempts": (int, 1, _positive),
-    },
-    "timeouts": {
-        "connect": (NUMBER, 5.0, _positive),
-        "read": (NUMBER, 60.0, _positive),
-        "write": (NUMBER, 60.0, _positive),
-        "pool": (NUMBER, 10.0, _positive),
-    },
-    "limits": {
-        "max_connections": (int, 512, _positive),
-        "max_keepalive_connections": (int, 512, _not_negative),
-        "keepalive_expiry": (NUMBER, 4.0, _not_negative),
-    },
-    "admin": {
-        "host": (str, "127.0.0.1", None),
-        "port": (int, None, _port),
-    },
+def _any_value(**options: Any) -> None:
+    """Options that take any value of their type (the proxy's ``name`` and ``freeze_gc``)."""
+
+
+def _sticky_options(
+    *, secret_key: str | Sequence[str] | None = None, secret_key_env: str = "", **options: Any
+) -> StickyCookie:
+    # The keys usually come from the environment, read when the proxy is built.
+    return StickyCookie(secret_key=secret_key or "placeholder", **options)
+
+
+# -- reading the declarations ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of a table: the TOML types it accepts and its default."""
+
+    types: tuple[type, ...]
+    default: Any
+
+
+@dataclass(frozen=True)
+class Part:
+    """Keys taken from a constructor's keyword parameters (``only`` those, or all but
+    ``leave_out``); ``judge`` builds from them (the constructor itself by default)."""
+
+    source: Callable[..., Any]
+    only: tuple[str, ...] = ()
+    leave_out: tuple[str, ...] = ()
+    judge: Callable[..., Any] | None = None
+
+    def options(self) -> dict[str, Key]:
+        source = self.source
+        signature = inspect.signature(source)
+        # A dataclass's fields and a function's parameters carry the annotations; a class's
+        # __init__ does.
+        plain_class = inspect.isclass(source) and not dataclasses.is_dataclass(source)
+        hints = typing.get_type_hints(source.__init__ if plain_class else source)
+        factories = {  # a dataclass field's default_factory makes its default
+            f.name: f.default_factory()
+            for f in (dataclasses.fields(source) if dataclasses.is_dataclass(source) else ())
+            if f.default_factory is not dataclasses.MISSING
+        }
+        keys = {}
+        for name, parameter in signature.parameters.items():
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            if (self.only and name not in self.only) or name in self.leave_out:
+                continue
+            default = None if parameter.default is parameter.empty else parameter.default
+            keys[name] = Key(_toml_types(hints[name]), _as_toml(factories.get(name, default)))
+        return keys
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of the file, made of parts, and keys of the file's own."""
+
+    parts: tuple[Part, ...]
+    own: Mapping[str, Key] = field(default_factory=dict)
+
+    def options(self) -> dict[str, Key]:
+        keys: dict[str, Key] = {}
+        for part in self.parts:
+            keys.update(part.options())
+        keys.update(self.own)
+        return keys
+
+
+TABLES: dict[str, Table] = {
+    "server": Table(
+        (
+            Part(ServerOptions),
+            Part(LeastTimeProxy, only=("name", "freeze_gc"), judge=_any_value),
+        ),
+    ),
+    "balancer": Table(
+        (
+            Part(
+                LeastTimeProxy,
+                only=("mode", "pass_host_header", "trusted_proxies"),
+                judge=_balancer_options,
+            ),
+        )
+    ),
+    "upstream": Table((Part(Upstream, leave_out=("app",)),)),
+    "sticky": Table(
+        (Part(StickyCookie, judge=_sticky_options),),
+        own={"secret_key_env": Key((str,), DEFAULT_SECRET_ENV)},
+    ),
+    "health_check": Table((Part(HealthCheck),)),
+    "passive_health_check": Table((Part(PassiveHealthCheck),)),
+    "timeouts": Table((Part(timeouts),)),
+    "limits": Table((Part(limits),)),
+    "admin": Table((Part(AdminOptions),)),
 }
-TOP_LEVEL = {*SCHEMA.keys() - {"upstream"}, "upstreams"}
+"""Every table of the file (``upstream`` is one entry of ``[[upstreams]]``)."""
+
+OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin"})
+"""Tables that turn their feature on by being present."""
+
+TOP_LEVEL = {*TABLES.keys() - {"upstream"}, "upstreams"}
 TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", float: "a number",
               list: "a list", dict: "a table"}  # fmt: skip
 
 
+def _toml_types(annotation: Any) -> tuple[type, ...]:
+    """The TOML value types a parameter's annotation accepts."""
+    if annotation in (str, bytes):
+        return (str,)
+    if annotation is float:
+        return (int, float)
+    if annotation in (int, bool):
+        return (annotation,)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        found: list[type] = []
+        for argument in typing.get_args(annotation):
+            if argument is not type(None):
+                found += [t for t in _toml_types(argument) if t not in found]
+        return tuple(found)
+    if origin is typing.Literal:
+        return (str,)
+    if origin in (list, tuple, Sequence, Iterable):
+        return (list,)
+    if origin in (dict, Mapping):
+        return (dict,)
+    raise TypeError(f"no TOML type for {annotation!r}")
+
+
+def _as_toml(default: Any) -> Any:
+    """A default as the file would write it (a tuple is a list)."""
+    return list(default) if isinstance(default, tuple) else default
+
+
+# -- checking a document --------------------------------------------------------------------------
+
+
 @dataclass
 class Config:
-    """A checked configuration: one dictionary of values per section, defaults filled in."""
+    """A checked configuration: one dictionary of values per table, defaults filled in."""
 
     sections: dict[str, dict[str, Any]]
     upstreams: list[dict[str, Any]]
-    optional: set[str] = field(default_factory=set)  # optional sections present in the file
+    optional: set[str] = field(default_factory=set)  # optional tables present in the file
 
     def section(self, name: str) -> dict[str, Any]:
-        """The values of a section, defaults included."""
+        """The values of a table, defaults included."""
         return self.sections[name]
 
     def build_proxy(self, environ: Mapping[str, str] | None = None) -> LeastTimeProxy:
         """The :class:`LeastTimeProxy` this configuration describes."""
-        environ = os.environ if environ is None else environ
-        balancer = self.section("balancer")
-        timeouts = self.section("timeouts")
-        limits = self.section("limits")
+        server, balancer = self.section("server"), self.section("balancer")
         sticky = None
         if "sticky" in self.optional:
             options = dict(self.section("sticky"))
-            keys = _secret_keys(options.pop("secret_key"), options.pop("secret_key_env"), environ)
-            sticky = StickyCookie(secret_key=keys, **options)
+            del options["secret_key"], options["secret_key_env"]
+            sticky = StickyCookie(secret_key=self.secret_keys(environ), **options)
         health = None
         if "health_check" in self.optional:
             health = HealthCheck(**self.section("health_check"))
@@ -169,65 +257,81 @@ class Config:
             passive = PassiveHealthCheck(**self.section("passive_health_check"))
         return LeastTimeProxy(
             upstreams=[Upstream(**u) for u in self.upstreams],
-            name=self.section("server")["name"],
-            freeze_gc=self.section("server")["freeze_gc"],
+            name=server["name"],
+            freeze_gc=server["freeze_gc"],
             mode=balancer["mode"],
             pass_host_header=balancer["pass_host_header"],
             trusted_proxies=balancer["trusted_proxies"],
-            timeout=httpx.Timeout(**timeouts),
-            limits=httpx.Limits(**limits),
+            timeout=timeouts(**self.section("timeouts")),
+            limits=limits(**self.section("limits")),
             sticky=sticky,
             health_check=health,
             passive_health_check=passive,
         )
 
+    def secret_keys(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """The sticky keys: from the file, or from the environment variable it names."""
+        environ = os.environ if environ is None else environ
+        sticky = self.section("sticky")
+        in_file = sticky["secret_key"]
+        if in_file:
+            return [in_file] if isinstance(in_file, str) else list(in_file)
+        name = sticky["secret_key_env"]
+        keys = [key.strip() for key in environ.get(name, "").split(",") if key.strip()]
+        if not keys:
+            raise ConfigError(
+                [f"sticky.secret_key_env: the environment variable {name} is empty or unset"]
+            )
+        return keys
 
-def _secret_keys(in_file: Any, env_name: str, environ: Mapping[str, str]) -> list[str]:
-    if in_file:
-        return [in_file] if isinstance(in_file, str) else list(in_file)
-    value = environ.get(env_name, "")
-    keys = [key.strip() for key in value.split(",") if key.strip()]
-    if not keys:
-        raise ConfigError(
-            [f"sticky.secret_key_env: the environment variable {env_name} is empty or unset"]
-        )
-    return keys
 
-
-def _check_section(where: str, values: Any, spec: Spec, errors: list[str]) -> dict[str, Any]:
+def _check_table(where: str, values: Any, table: Table, errors: list[str]) -> dict[str, Any]:
+    """The values of one table with defaults filled in; each mistake appended to ``errors``."""
+    keys = table.options()
+    checked = {name: key.default for name, key in keys.items()}
     if not isinstance(values, dict):
         errors.append(f"{where}: must be a table")
-        return {key: default for key, (_, default, _) in spec.items()}
-    checked: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in spec:
-            hint = difflib.get_close_matches(key, spec, n=1)
+        return checked
+    typed: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in keys:
+            hint = difflib.get_close_matches(name, keys, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            errors.append(f"{where}.{key}: unknown key{suggestion}")
-            continue
-        types, _, check = spec[key]
-        if not _has_type(value, types):
-            errors.append(f"{where}.{key}: must be {_type_name(types)}, not {value!r}")
-            continue
-        message = check(value) if check else None
-        if message:
-            errors.append(f"{where}.{key}: {message}")
-            continue
-        checked[key] = value
-    for key, (_, default, _) in spec.items():
-        checked.setdefault(key, default)
+            errors.append(f"{where}.{name}: unknown key{suggestion}")
+        elif not _has_type(value, keys[name].types):
+            errors.append(f"{where}.{name}: must be {_type_name(keys[name].types)}, not {value!r}")
+        else:
+            typed[name] = value
+    for part in table.parts:
+        given = {name: value for name, value in typed.items() if name in part.options()}
+        judge = part.judge or part.source
+        try:
+            judge(**_complete(part, given, typed))
+        except OptionError as exc:
+            errors.append(f"{where}.{exc.option}: {exc.reason}")
+            typed.pop(exc.option.split("[")[0], None)
+    checked.update(typed)
     return checked
 
 
-def _has_type(value: Any, types: type | tuple[type, ...]) -> bool:
-    accepted = types if isinstance(types, tuple) else (types,)
+def _complete(part: Part, given: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any]:
+    """What a part's judge is called with: its given values, and the file's own keys that it
+    takes (the sticky table's ``secret_key_env``)."""
+    judge = part.judge
+    if judge is None:
+        return given
+    parameters = inspect.signature(judge).parameters
+    extra = {name: typed[name] for name in typed if name in parameters and name not in given}
+    return {**given, **extra}
+
+
+def _has_type(value: Any, accepted: tuple[type, ...]) -> bool:
     if isinstance(value, bool):
         return bool in accepted
     return isinstance(value, accepted)
 
 
-def _type_name(types: type | tuple[type, ...]) -> str:
-    accepted = types if isinstance(types, tuple) else (types,)
+def _type_name(accepted: tuple[type, ...]) -> str:
     return " or ".join(TYPE_NAMES.get(t, t.__name__) for t in accepted)
 
 
@@ -240,8 +344,8 @@ def parse_config(document: dict[str, Any]) -> Config:
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             errors.append(f"{key}: unknown section{suggestion}")
     sections = {
-        name: _check_section(name, document.get(name, {}), spec, errors)
-        for name, spec in SCHEMA.items()
+        name: _check_table(name, document.get(name, {}), table, errors)
+        for name, table in TABLES.items()
         if name != "upstream"
     }
     raw_upstreams = document.get("upstreams", [])
@@ -252,33 +356,21 @@ def parse_config(document: dict[str, Any]) -> Config:
     names: set[str] = set()
     for index, raw in enumerate(raw_upstreams):
         where = f"upstreams[{index}]"
-        upstream = _check_section(where, raw, SCHEMA["upstream"], errors)
-        if upstream["url"] is None:
-            if isinstance(raw, dict) and "url" not in raw:
-                errors.append(f"{where}.url: required")
+        if isinstance(raw, dict) and "url" not in raw:
+            errors.append(f"{where}.url: required")
+            continue
+        before = len(errors)
+        upstream = _check_table(where, raw, TABLES["upstream"], errors)
+        if len(errors) > before:
             continue
         upstream["name"] = upstream["name"] or upstream["url"]
         if upstream["name"] in names:
             errors.append(f"{where}.name: {upstream['name']!r} is used by another upstream")
         names.add(upstream["name"])
         upstreams.append(upstream)
-    for index, proxy in enumerate(sections["balancer"]["trusted_proxies"]):
-        try:
-            ipaddress.ip_network(proxy, strict=False)
-        except (ValueError, TypeError):
-            errors.append(
-                f"balancer.trusted_proxies[{index}]: {proxy!r} is not an address or network"
-            )
-    health = sections["health_check"]
-    if health["path"] and not health["path"].startswith("/"):
-        errors.append("health_check.path: must start with '/'")
-    if health["status"] and not 100 <= health["status"] <= 599:
-        errors.append("health_check.status: must be 0 or an HTTP status (100-599)")
     if errors:
         raise ConfigError(errors)
-    sections_present: set[str] = set(document)
-    optional = sections_present & {"sticky", "health_check", "passive_health_check", "admin"}
-    return Config(sections, upstreams, optional)
+    return Config(sections, upstreams, set(document) & OPTIONAL)
 
 
 def load_config(path: str | Path) -> Config:

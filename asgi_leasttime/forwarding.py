@@ -1,9 +1,9 @@
 """One HTTP exchange with an upstream: the request out, the response back, as raw ASGI messages.
 
-Both bodies stream chunk by chunk. The response body is read raw (``aiter_raw``): compressed bodies
+Both bodies stream chunk by chunk. The response body is read raw, never decoded: compressed bodies
 pass through byte for byte with their ``Content-Encoding`` and ``Content-Length``. While the
 exchange runs, a watcher listens for the client leaving and cancels it, and the upstream response
-is always closed, under a shield, however the exchange ends.
+is always closed, however the exchange ends.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from urllib.parse import quote, unquote_to_bytes
 import h11
 import httpx
 
-from asgi_leasttime.headers import BadRequest, BadResponse, Headers, response_headers
+from asgi_leasttime.headers import BadRequest, BadResponse, response_headers
 from asgi_leasttime.sweeper import Sweeper
+from asgi_leasttime.types import Headers, Message, Receive, Scope, Send
 
 __all__ = [
     "ClientDisconnected",
@@ -37,10 +38,6 @@ __all__ = [
 
 logger = logging.getLogger("asgi_leasttime")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Any]
-Send = Callable[[Message], Any]
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -233,12 +230,13 @@ async def forward_http(
     headers: Headers,
     *,
     extra_response_headers: Headers | None = None,
-    on_response: Callable[[Outcome], None] | None = None,
+    on_response: Callable[[int, float], None] | None = None,
 ) -> Outcome:
     """Forward one request upstream (``where`` names it in logs) and stream the answer back.
 
-    ``on_response`` is called as soon as the upstream's response headers arrive (with the TTFB
-    and status), so a long body does not delay the balancer's information. Errors become answers:
+    ``on_response(status, ttfb)`` is called as soon as the upstream's response headers arrive, so
+    a long body does not delay the balancer's information; ``Outcome.failed`` says the upstream
+    never gave an answer that could be forwarded. Errors become answers:
     connection failures 502, timeouts 504; after the response started, a failure cuts the
     response off. A client that leaves cancels the exchange.
     """
@@ -282,7 +280,7 @@ class _Exchange:
         send: Send,
         headers: Headers,
         extra_response_headers: Headers | None,
-        on_response: Callable[[Outcome], None] | None,
+        on_response: Callable[[int, float], None] | None,
     ) -> None:
         self.open_upstream = open_upstream
         self.where = where
@@ -403,6 +401,7 @@ class _Exchange:
             # A fault in the client library (h11 raising past httpcore's error mapping, for one).
             # Answer like any upstream failure rather than let a 500 out, and say it loudly.
             logger.exception("forwarding %s %s failed unexpectedly", self.method, where)
+            outcome.failed = outcome.status is None
             if not self.started:
                 await _answer(self.send, 502, "bad gateway")
 
@@ -424,15 +423,15 @@ class _Exchange:
                     continue
                 raise
             break
-        outcome.ttfb = time.perf_counter() - sent_at
+        outcome.ttfb = ttfb = time.perf_counter() - sent_at
         try:
             try:
                 response_head = response_headers(response.raw_headers, response.status_code)
             except BadResponse as exc:
                 raise httpx.RemoteProtocolError(str(exc)) from None  # a 502 and a failure
-            outcome.status = response.status_code
+            outcome.status = status = response.status_code
             if self.on_response is not None:
-                self.on_response(outcome)
+                self.on_response(status, ttfb)
             if self.extra_response_headers:
                 response_head.extend(self.extra_response_headers)
             await self._send(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from typing import Any
+
+from asgi_leasttime.options import OptionError
+from asgi_leasttime.types import Headers, Scope
 
 __all__ = ["HOP_BY_HOP", "BadRequest", "BadResponse", "RequestHeaders", "response_headers"]
 
-Headers = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
     {
@@ -104,6 +105,15 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers
     return _without_named(headers, named, HOP_BY_HOP) if named else headers
 
 
+def _network(index: int, proxy: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(proxy, strict=False)
+    except (ValueError, TypeError):
+        raise OptionError(
+            f"trusted_proxies[{index}]", f"{proxy!r} is not an address or network"
+        ) from None
+
+
 class RequestHeaders:
     """Builds the headers sent upstream from the ASGI scope's.
 
@@ -127,7 +137,7 @@ class RequestHeaders:
         trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.pass_host_header = pass_host_header
-        self.trusted_proxies = tuple(ipaddress.ip_network(p, strict=False) for p in trusted_proxies)
+        self.trusted_proxies = tuple(_network(i, p) for i, p in enumerate(trusted_proxies))
 
     def is_trusted(self, client_host: str | None) -> bool:
         """Whether forwarding headers from this client address are believed."""
@@ -139,7 +149,7 @@ class RequestHeaders:
             return False
         return any(address in network for network in self.trusted_proxies)
 
-    def __call__(self, scope: dict[str, Any]) -> Headers:
+    def __call__(self, scope: Scope) -> Headers:
         """The headers for the upstream request of this scope."""
         client = scope.get("client")
         client_host: str | None = client[0] if client else None

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 
+from asgi_leasttime.options import OptionError, check_port, check_positive
+
 if TYPE_CHECKING:
     from asgi_leasttime.balancer import Balancer, Server
+    from asgi_leasttime.lease import Lease
     from asgi_leasttime.upstream import Upstream
 
 __all__ = ["HealthCheck", "PassiveHealthCheck"]
@@ -59,17 +62,14 @@ class HealthCheck:
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
-            raise ValueError(f"health check path must start with '/', not {self.path!r}")
+            raise OptionError("path", f"must start with '/', not {self.path!r}")
         if self.scheme not in (None, "http", "https"):
-            raise ValueError(f"health check scheme must be 'http' or 'https', not {self.scheme!r}")
-        if self.port is not None and not 0 < self.port < 65536:
-            raise ValueError(f"health check port {self.port} is not a TCP port")
+            raise OptionError("scheme", f"must be 'http' or 'https', not {self.scheme!r}")
+        check_port("port", self.port)
         if self.status != 0 and not 100 <= self.status <= 599:
-            raise ValueError(f"health check status {self.status} is not an HTTP status")
+            raise OptionError("status", "must be 0 or an HTTP status (100-599)")
         for name in ("interval", "timeout", "unhealthy_interval"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"health check {name} must be a positive number of seconds")
+            check_positive(name, getattr(self, name))
 
     def url_for(self, upstream_url: httpx.URL) -> httpx.URL:
         """The probe URL for an upstream."""
@@ -125,13 +125,12 @@ async def watch_upstream(
     balancer: Balancer,
     upstream: Upstream,
     client: Callable[[], httpx.AsyncClient],
-    still_there: Callable[[], bool],
 ) -> None:
-    """Probe one upstream on its own schedule while it belongs to the proxy."""
+    """Probe one upstream on its own schedule until cancelled (when it leaves the proxy)."""
     assert upstream.url is not None
     url = check.url_for(upstream.url)
     unhealthy_interval = check.unhealthy_interval or check.interval
-    while still_there():
+    while True:
         try:
             healthy = await probe(check, client(), url)
         except Exception:
@@ -146,17 +145,16 @@ async def watch_upstream(
 class PassiveHealthCheck:
     """Passive health checks on the proxy's own traffic, with Traefik's semantics.
 
-    A failure is an upstream never reached or a final status of 500 or more; a success clears the
-    count. ``max_failed_attempts`` failures within ``failure_window`` seconds mark the upstream
-    down; it returns after ``failure_window`` seconds, unless an active check is configured, which
-    then decides when it returns.
+    A failure is what :func:`~asgi_leasttime.lease.is_failure` says: an upstream never reached or
+    a final status of 500 or more; a success clears the count. ``max_failed_attempts`` failures
+    within ``failure_window`` seconds mark the upstream down; it returns after ``failure_window``
+    seconds, unless an active check is configured, which then decides when it returns.
     """
 
     def __init__(self, *, failure_window: float = 10.0, max_failed_attempts: int = 1) -> None:
-        if not (failure_window > 0 and math.isfinite(failure_window)):
-            raise ValueError("failure_window must be a positive number of seconds")
+        check_positive("failure_window", failure_window)
         if max_failed_attempts < 1:
-            raise ValueError("max_failed_attempts must be at least 1")
+            raise OptionError("max_failed_attempts", "must be at least 1")
         self.failure_window = failure_window
         self.max_failed_attempts = max_failed_attempts
         self.active_recovery = False  # set by the proxy when an active check exists
@@ -164,8 +162,17 @@ class PassiveHealthCheck:
         self._ejected: dict[str, float] = {}  # name -> when it may return
         self.next_return = math.inf  # the earliest of those, checked on the request path
 
+    def watch(self, balancer: Balancer) -> None:
+        """Count the outcome of every request ``balancer`` leases a server to."""
+
+        def count(lease: Lease) -> None:
+            if lease.outcome != "abandoned":  # the client left, or it was never sent
+                self.record(balancer, lease.server, lease.outcome == "failed")
+
+        balancer.register_outcome_listener(count)
+
     def record(self, balancer: Balancer, server: Server, failed: bool) -> None:
-        """Count one request's outcome."""
+        """Count one request's outcome (``failed`` by :func:`~asgi_leasttime.lease.is_failure`)."""
         if not failed:
             if server.name in self._failures:
                 del self._failures[server.name]

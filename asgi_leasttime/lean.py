@@ -24,11 +24,12 @@ from typing import Any
 import httptools
 import httpx
 
+from asgi_leasttime.client import DEFAULT_LIMITS
 from asgi_leasttime.sweeper import Sweeper
+from asgi_leasttime.types import Headers
 
 __all__ = ["LeanClient", "LeanResponse"]
 
-Headers = list[tuple[bytes, bytes]]
 
 HIGH_WATER = 4 * 65536  # buffered response bytes before reading from the upstream pauses
 
@@ -280,13 +281,14 @@ class _Pool:
     written would fail that request.
     """
 
-    def __init__(self, host: str, port: int, limit: int, keepalive_expiry: float) -> None:
+    def __init__(self, host: str, port: int, limits: httpx.Limits) -> None:
         self.host, self.port = host, port
         self.idle: list[tuple[float, _Connection]] = []  # (idle since, connection)
-        self.limit = limit
+        self.limit = limits.max_connections or 512
+        self.idle_limit = limits.max_keepalive_connections
+        self.keepalive_expiry = limits.keepalive_expiry or 0.0
         self.active = 0
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
-        self.keepalive_expiry = keepalive_expiry
 
     async def _take_slot(self, seconds: float | None) -> None:
         if self.active < self.limit and not self.waiting:
@@ -342,7 +344,8 @@ class _Pool:
         return connection
 
     def give_back(self, connection: _Connection) -> None:
-        if connection.reusable():
+        idle_room = self.idle_limit is None or len(self.idle) < self.idle_limit
+        if idle_room and connection.reusable():
             self.idle.append((asyncio.get_running_loop().time(), connection))
         else:
             connection.close()
@@ -415,16 +418,9 @@ class LeanResponse:
 class LeanClient:
     """The proxy's fast upstream client. ``send`` returns once the response headers are in."""
 
-    def __init__(
-        self,
-        *,
-        timeout: httpx.Timeout,
-        max_connections: int = 512,
-        keepalive_expiry: float = 4.0,
-    ) -> None:
+    def __init__(self, *, timeout: httpx.Timeout, limits: httpx.Limits = DEFAULT_LIMITS) -> None:
         self.timeout = timeout
-        self.max_connections = max_connections
-        self.keepalive_expiry = keepalive_expiry
+        self.limits = limits
         self._pools: dict[tuple[str, int], _Pool] = {}
         self._deadlines = _read_deadlines(timeout.read)
 
@@ -440,7 +436,7 @@ class LeanClient:
         """Send one request; raises httpx's exceptions for what goes wrong."""
         pool = self._pools.get((host, port))
         if pool is None:
-            pool = _Pool(host, port, self.max_connections, self.keepalive_expiry)
+            pool = _Pool(host, port, self.limits)
             self._pools[(host, port)] = pool
         connection = await pool.connect(self.timeout)
         try:

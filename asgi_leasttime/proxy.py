@@ -6,29 +6,27 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
 import httpx
 
-from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server
+from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.forwarding import (
-    Message,
     Opener,
-    Receive,
-    Scope,
-    Send,
     forward_http,
     httpx_opener,
     send_error,
     upstream_target,
 )
-from asgi_leasttime.headers import BadRequest, Headers, RequestHeaders
+from asgi_leasttime.headers import BadRequest, RequestHeaders
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
+from asgi_leasttime.lease import Lease
 from asgi_leasttime.status import UpstreamStatus
+from asgi_leasttime.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from asgi_leasttime.lean import LeanClient
@@ -112,10 +110,14 @@ class LeastTimeProxy:
         if passive_health_check is not None:
             passive_health_check.active_recovery = health_check is not None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._watchers: dict[str, anyio.CancelScope] = {}  # an upstream's health checks
+        self._child_updaters: dict[str, Callable[[bool], None]] = {}  # nested proxies' status
         self.metrics: RequestMetrics | None = None  # set by an AdminApp
         self.balancer = (
             balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
         )
+        if passive_health_check is not None:
+            passive_health_check.watch(self.balancer)
         self.request_headers = RequestHeaders(
             pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
         )
@@ -129,11 +131,7 @@ class LeastTimeProxy:
         if upstream_client == "lean" and client is None and transport is None:
             from asgi_leasttime.lean import LeanClient
 
-            self._lean = LeanClient(
-                timeout=timeout,
-                max_connections=limits.max_connections or 512,
-                keepalive_expiry=limits.keepalive_expiry or 4.0,
-            )
+            self._lean = LeanClient(timeout=timeout, limits=limits)
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
@@ -150,26 +148,49 @@ class LeastTimeProxy:
         server = self.balancer.add(upstream.name, weight=upstream.weight, fenced=upstream.fenced)
         if server is None:
             return upstream  # weight <= 0: left out, as in Traefik
-        self.upstreams[upstream.name] = upstream
+        # Everything keyed by an upstream's name is added here and removed in remove_upstream.
+        name = upstream.name
+        self.upstreams[name] = upstream
         if self.sticky is not None:
-            self.sticky.add_server(upstream.name)
+            self.sticky.add_server(name)
         if self._task_group is not None:
             self._watch(upstream, self._task_group)
         child = upstream.app
         if isinstance(child, LeastTimeProxy):
             # A balancer of balancers: the child's overall status is this upstream's status.
-            name = upstream.name
-            child.balancer.register_status_updater(lambda up: self.set_status(name, up))
+            def follow_child(up: bool) -> None:
+                self.set_status(name, up)
+
+            child.balancer.register_status_updater(follow_child)
+            self._child_updaters[name] = follow_child
             if not child.balancer.up:
                 self.balancer.set_status(name, False)
         return upstream
 
     def remove_upstream(self, name: str) -> None:
-        """Remove an upstream; its requests in flight finish."""
+        """Remove an upstream and everything the proxy keeps for it: its health checks stop
+        (a nested proxy's too) and its sticky cookies get a fresh pick; its requests in flight
+        finish."""
         self.balancer.remove(name)
-        del self.upstreams[name]
+        upstream = self.upstreams.pop(name)
         if self.sticky is not None:
             self.sticky.remove_server(name)
+        watcher = self._watchers.pop(name, None)
+        if watcher is not None:
+            watcher.cancel()
+        child = upstream.app
+        if isinstance(child, LeastTimeProxy):
+            child.balancer.unregister_status_updater(self._child_updaters.pop(name))
+            child._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """Stop every health check of this proxy and of the proxies nested in it."""
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._watchers.clear()
+        for upstream in self.upstreams.values():
+            if isinstance(upstream.app, LeastTimeProxy):
+                upstream.app._stop_watching()
 
     def set_status(self, name: str, up: bool) -> None:
         """Mark an upstream up or down (the in-process health API)."""
@@ -232,18 +253,21 @@ class LeastTimeProxy:
                 yield
             finally:
                 self._task_group = None
+                self._watchers.clear()
                 task_group.cancel_scope.cancel()
 
     def _watch(self, upstream: Upstream, task_group: anyio.abc.TaskGroup) -> None:
-        if self.health_check is not None and upstream.url is not None:
-            task_group.start_soon(
-                watch_upstream,
-                self.health_check,
-                self.balancer,
-                upstream,
-                lambda: self.client,
-                lambda: self.upstreams.get(upstream.name) is upstream,
-            )
+        check = self.health_check
+        if check is None or upstream.url is None:
+            return
+        # A scope of the watcher's own, so removing the upstream stops just its checks.
+        watcher = self._watchers[upstream.name] = anyio.CancelScope()
+
+        async def watch() -> None:
+            with watcher:
+                await watch_upstream(check, self.balancer, upstream, lambda: self.client)
+
+        task_group.start_soon(watch)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.app is not None:
@@ -269,8 +293,8 @@ class LeastTimeProxy:
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
 
-    def _choose(self, scope: Scope) -> tuple[Server, Headers | None]:
-        """The server for this request, counted in flight, and a Set-Cookie to send if any.
+    def _choose(self, scope: Scope) -> tuple[Lease, Headers | None]:
+        """A lease on the server for this request, and a Set-Cookie to send if any.
 
         A valid sticky cookie naming an up server (fenced or not) wins; otherwise a pick.
         Raises :class:`NoAvailableServer`.
@@ -283,10 +307,10 @@ class LeastTimeProxy:
         name = sticky.server_from(scope["headers"])
         server = balancer.get(name) if name is not None else None
         if server is not None and server.up:
-            balancer.track(server)  # sticky traffic weighs on the scores too
-            return server, [sticky.set_cookie_header(server.name)] if sticky.sliding else None
-        server = balancer.acquire()
-        return server, [sticky.set_cookie_header(server.name)]
+            lease = balancer.lease(server)  # sticky traffic weighs on the scores too
+            return lease, [sticky.set_cookie_header(server.name)] if sticky.sliding else None
+        lease = balancer.acquire()
+        return lease, [sticky.set_cookie_header(lease.server.name)]
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.metrics
@@ -309,20 +333,18 @@ class LeastTimeProxy:
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            server, set_cookie = self._choose(scope)
+            lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
             if self.app is not None:
                 await self.app(scope, receive, send)
             else:
                 await send_error(send, 503, "no available server")
             return
-        alongside = server.inflight - 1  # what the balancer learns queueing from
-        try:
-            upstream = self.upstreams[server.name]
+        with lease:
+            upstream = self.upstreams[lease.server.name]
             if upstream.app is not None:
-                await self._forward_in_process(
-                    upstream.app, server, alongside, scope, receive, send, set_cookie
-                )
+                app = upstream.app
+                await self._forward_in_process(app, lease, scope, receive, send, set_cookie)
                 return
             try:
                 open_upstream = self._opener(upstream, upstream_target(scope))
@@ -341,16 +363,12 @@ class LeastTimeProxy:
                 send,
                 headers,
                 extra_response_headers=set_cookie,
-                on_response=lambda outcome: self._record(
-                    server, outcome.status, outcome.ttfb, alongside
-                ),
+                on_response=lease.answered,
             )
             if outcome.retries and self.metrics is not None:
                 self.metrics.retried(outcome.retries)
             if outcome.failed:
-                self._record(server, None, None)
-        finally:
-            self.balancer.release(server)
+                lease.failed()
 
     def _opener(self, upstream: Upstream, target: bytes) -> Opener:
         lean = self._lean
@@ -359,25 +377,10 @@ class LeastTimeProxy:
             return lambda method, headers, body: lean.send(method, host, port, path, headers, body)
         return httpx_opener(self.client, upstream.target_url(target))
 
-    def _record(
-        self, server: Server, status: int | None, ttfb: float | None, alongside: int | None = None
-    ) -> None:
-        """Tell the balancer (and the passive check) how a request went: answered with
-        ``status`` after ``ttfb`` seconds, or never answered (``None``); it was sent with
-        ``alongside`` other requests in flight on the server."""
-        failed = status is None or status >= 500
-        if failed:
-            self.balancer.record_failure(server, ttfb)
-        else:
-            self.balancer.record_ttfb(server, ttfb or 0.0, alongside)
-        if self.passive_health_check is not None:
-            self.passive_health_check.record(self.balancer, server, failed)
-
     async def _forward_in_process(
         self,
-        app: Any,
-        server: Server,
-        alongside: int,
+        app: ASGIApp,
+        lease: Lease,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -390,29 +393,32 @@ class LeastTimeProxy:
             nonlocal answered
             if message["type"] == "http.response.start" and not answered:
                 answered = True
-                ttfb = time.perf_counter() - sent_at
-                self._record(server, message["status"], ttfb, alongside)
+                lease.answered(message["status"], time.perf_counter() - sent_at)
                 if set_cookie:
                     message = {**message, "headers": [*message.get("headers", ()), *set_cookie]}
             await send(message)
 
-        await app(dict(scope), receive, timed_send)
+        try:
+            await app(dict(scope), receive, timed_send)
+        except Exception:
+            # The in-process upstream's fault, not the client's: a 502 like any upstream's.
+            logger.exception("in-process upstream %s raised", lease.server.name)
         if not answered:
-            self._record(server, None, None)
+            lease.failed()
+            await send_error(send, 502, "bad gateway")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         from asgi_leasttime.websocket import forward_websocket
 
-        balancer = self.balancer
         try:
-            server, _ = self._choose(scope)
+            lease, _ = self._choose(scope)
         except NoAvailableServer:
             await send({"type": "websocket.close", "code": 1013, "reason": "no available server"})
             return
-        try:
-            upstream = self.upstreams[server.name]
+        with lease:
+            upstream = self.upstreams[lease.server.name]
             if upstream.app is not None:
-                await upstream.app(dict(scope), receive, send)
+                await self._websocket_in_process(upstream.app, lease, scope, receive, send)
                 return
             try:
                 url = upstream.target_url(upstream_target(scope))
@@ -421,6 +427,19 @@ class LeastTimeProxy:
                 logger.info("WebSocket request refused: %s", exc)
                 await send({"type": "websocket.close", "code": 1008})  # a 403 to the handshake
                 return
-            await forward_websocket(url, scope, receive, send, headers)
-        finally:
-            balancer.release(server)
+            await forward_websocket(url, scope, receive, send, headers, lease)
+
+    async def _websocket_in_process(
+        self, app: ASGIApp, lease: Lease, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        sent_at = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if lease.outcome is None:
+                if message["type"] == "websocket.accept":
+                    lease.answered(101, time.perf_counter() - sent_at)
+                elif message["type"] == "websocket.close":
+                    lease.answered(403, time.perf_counter() - sent_at)  # the handshake refused
+            await send(message)
+
+        await app(dict(scope), receive, timed_send)

@@ -14,9 +14,10 @@ from collections.abc import Iterable, Sequence
 
 from itsdangerous import BadData, TimestampSigner
 
+from asgi_leasttime.options import OptionError
+
 __all__ = ["StickyCookie"]
 
-Headers = list[tuple[bytes, bytes]]
 
 SALT = "asgi-leasttime.sticky"
 """Salt of the signature: a value signed for anything else with the same key does not pass."""
@@ -69,18 +70,16 @@ class StickyCookie:
     ) -> None:
         given = [secret_key] if isinstance(secret_key, str | bytes) else list(secret_key)
         if not given or any(not key for key in given):
-            raise ValueError("StickyCookie needs a non-empty secret_key (or list of keys)")
+            raise OptionError("secret_key", "must be a non-empty key or list of keys")
         if name is not None and (not name or _NOT_TOKEN.search(name)):
-            raise ValueError(f"sticky cookie name {name!r} is not a valid cookie name")
+            raise OptionError("name", f"{name!r} is not a valid cookie name")
         if samesite is not None and samesite.lower() not in _SAMESITE:
-            raise ValueError(f"samesite must be 'none', 'lax' or 'strict', not {samesite!r}")
+            raise OptionError("samesite", f"must be 'none', 'lax' or 'strict', not {samesite!r}")
         if max_age is not None and max_age < 0:
-            raise ValueError("max_age must be a number of seconds, or None for a session cookie")
+            raise OptionError("max_age", "must be a number of seconds, or unset for a session")
         for label, value in (("path", path), ("domain", domain or "")):
             if any(c in value for c in ";\r\n,"):
-                raise ValueError(
-                    f"sticky cookie {label} {value!r} may not hold ';', ',' or a newline"
-                )
+                raise OptionError(label, f"{value!r} may not hold ';', ',' or a newline")
         self.name = name
         self.secure = secure
         self.httponly = httponly

@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from asgi_leasttime.options import OptionError, check_not_negative
+
 __all__ = ["Upstream"]
 
 
@@ -18,7 +20,7 @@ class Upstream:
         app: instead of a URL, an ASGI app called in-process (for instance another
             :class:`~asgi_leasttime.LeastTimeProxy`: a balancer of balancers).
         name: how the balancer, the status API and the metrics call it; defaults to the URL.
-        weight: share at equal speed; 0 or less leaves the upstream out, as in Traefik.
+        weight: share at equal speed; 0 leaves the upstream out, as in Traefik.
         fenced: draining: no new picks, sticky clients still served.
     """
 
@@ -34,9 +36,12 @@ class Upstream:
         fenced: bool = False,
     ) -> None:
         if (url is None) == (app is None):
-            raise ValueError("an Upstream takes either a url or an app, not both or neither")
+            raise OptionError(
+                "url", "an Upstream takes either a url or an app, not both or neither"
+            )
         if app is not None and not name:
-            raise ValueError("an in-process Upstream(app=...) needs a name")
+            raise OptionError("name", "an in-process Upstream(app=...) needs a name")
+        check_not_negative("weight", weight)
         self.app = app
         self.url: httpx.URL | None = None
         self.base_path = b""
@@ -63,16 +68,19 @@ class Upstream:
 
 
 def _parse_url(url: str) -> httpx.URL:
+    def wrong(reason: str) -> OptionError:
+        return OptionError("url", f"upstream URL {url!r} {reason}")
+
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise ValueError(f"upstream URL {url!r} is not a valid URL: {exc}") from None
+        raise wrong(f"is not a valid URL: {exc}") from None
     if parsed.scheme not in ("http", "https"):
-        raise ValueError(f"upstream URL {url!r} must start with http:// or https://")
+        raise wrong("must start with http:// or https://")
     if not parsed.host:
-        raise ValueError(f"upstream URL {url!r} has no host")
+        raise wrong("has no host")
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise ValueError(f"upstream URL {url!r} has port {parsed.port}, not a TCP port (1-65535)")
+        raise wrong(f"has port {parsed.port}, not a TCP port (1-65535)")
     if parsed.query or parsed.fragment:
-        raise ValueError(f"upstream URL {url!r} must not have a query or a fragment")
+        raise wrong("must not have a query or a fragment")
     return parsed

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
 import anyio
 import httpx
 
-from asgi_leasttime.forwarding import Receive, Scope, Send
-from asgi_leasttime.headers import Headers
+from asgi_leasttime.lease import Lease
+from asgi_leasttime.types import Headers, Receive, Scope, Send
 
 __all__ = ["forward_websocket"]
 
@@ -40,12 +41,21 @@ _RESERVED_CODES = frozenset({1005, 1006, 1015})
 
 
 async def forward_websocket(
-    url: httpx.URL, scope: Scope, receive: Receive, send: Send, headers: Headers
+    url: httpx.URL, scope: Scope, receive: Receive, send: Send, headers: Headers, lease: Lease
 ) -> None:
-    """Open the upstream WebSocket, accept the client's with the same subprotocol, relay."""
+    """Open the upstream WebSocket, accept the client's with the same subprotocol, relay.
+
+    The handshake is the request the ``lease`` records: answered with 101 once the upstream
+    accepts (its time to first byte is the handshake's), with the status it refused with, or
+    failed when no handshake came back."""
     try:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+        from websockets.exceptions import (
+            ConnectionClosed,
+            InvalidHandshake,
+            InvalidStatus,
+            InvalidURI,
+        )
     except ImportError:
         logger.error("WebSocket forwarding needs the websockets package: asgi-leasttime[websocket]")
         await send({"type": "websocket.close", "code": 1011})
@@ -56,6 +66,7 @@ async def forward_websocket(
         return
     ws_url = str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws"))
     subprotocols = scope.get("subprotocols") or None
+    sent_at = time.perf_counter()
     try:
         upstream = await connect(
             ws_url,
@@ -71,8 +82,13 @@ async def forward_websocket(
         )
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
         logger.warning("WebSocket upstream %s refused: %r", ws_url, exc)
+        if isinstance(exc, InvalidStatus):
+            lease.answered(exc.response.status_code, time.perf_counter() - sent_at)
+        else:
+            lease.failed()
         await send({"type": "websocket.close", "code": 1011})
         return
+    lease.answered(101, time.perf_counter() - sent_at)
 
     async def client_to_upstream(cancel: anyio.CancelScope) -> None:
         try:

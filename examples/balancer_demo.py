@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 
-from asgi_leasttime import Balancer, Server
+from asgi_leasttime import Balancer, Lease
 
 PHASES = [
     ("steady", {"fast": 0.005, "medium": 0.008, "flaky": 0.006}),
@@ -36,7 +36,7 @@ def run(mode: str) -> list[Counter[str]]:
     balancer = Balancer(mode=mode, clock=clock)  # type: ignore[arg-type]
     for name in PHASES[0][1]:
         balancer.add(name)
-    answers: list[tuple[float, int, Server, float]] = []  # (done at, order, server, ttfb)
+    answers: list[tuple[float, int, Lease, float]] = []  # (done at, order, lease, ttfb)
     shares: list[Counter[str]] = []
     order = 0
     for index, (_, speeds) in enumerate(PHASES):
@@ -45,14 +45,14 @@ def run(mode: str) -> list[Counter[str]]:
         for n in range(int(PHASE_SECONDS * REQUESTS_PER_SECOND)):
             clock.now = start + n / REQUESTS_PER_SECOND
             while answers and answers[0][0] <= clock.now:
-                _, _, server, ttfb = heapq.heappop(answers)
-                balancer.record_ttfb(server, ttfb)
-                balancer.release(server)
-            server = balancer.acquire()
-            served[server.name] += 1
-            ttfb = speeds[server.name]
+                _, _, lease, ttfb = heapq.heappop(answers)
+                lease.answered(200, ttfb)  # the response head, ttfb seconds after the pick
+                lease.release()  # and the end of its body
+            lease = balancer.acquire()
+            served[lease.server.name] += 1
+            ttfb = speeds[lease.server.name]
             order += 1
-            heapq.heappush(answers, (clock.now + ttfb, order, server, ttfb))
+            heapq.heappush(answers, (clock.now + ttfb, order, lease, ttfb))
         shares.append(served)
     return shares
 

@@ -29,7 +29,7 @@ def balancer_with(*names: str, clock: FakeClock | None = None, **options: float)
 def answer(balancer: Balancer, speeds: dict[str, float], requests: int) -> Counter[str]:
     served: Counter[str] = Counter()
     for _ in range(requests):
-        server = balancer.acquire()
+        server = balancer.acquire().server
         balancer.record_ttfb(server, speeds[server.name])
         balancer.release(server)
         served[server.name] += 1
@@ -96,7 +96,7 @@ def test_fenced_servers_still_hold_the_balancer_up() -> None:
 
 def test_removed_server_finishes_its_requests() -> None:
     balancer = balancer_with("a", "b")
-    held = [balancer.acquire() for _ in range(4)]
+    held = [balancer.acquire().server for _ in range(4)]
     removed = balancer.remove("a")
     assert all(balancer.next_server().name == "b" for _ in range(5))
     for server in held:
@@ -115,7 +115,7 @@ def test_stats_are_read_only() -> None:
 
 def test_requests_and_failures_are_counted() -> None:
     balancer = balancer_with("a")
-    server = balancer.acquire()
+    server = balancer.acquire().server
     balancer.record_failure(server)
     balancer.release(server)
     balancer.track(server)
@@ -138,10 +138,10 @@ def test_cold_server_gets_one_probe_until_it_answers() -> None:
     balancer = balancer_with("warm")
     answer(balancer, {"warm": 0.050}, 10)
     balancer.add("cold")
-    probe = balancer.acquire()
+    probe = balancer.acquire().server
     assert probe.name == "cold"
     assert probe.score == math.inf
-    assert [balancer.acquire().name for _ in range(5)] == ["warm"] * 5
+    assert [balancer.acquire().server.name for _ in range(5)] == ["warm"] * 5
     balancer.record_ttfb(probe, 0.010)
     balancer.release(probe)
     assert balancer.next_server().name == "cold"
@@ -151,14 +151,14 @@ def test_traefik_mode_floods_a_cold_server() -> None:
     balancer = balancer_with("warm", mode="traefik")  # type: ignore[arg-type]
     answer(balancer, {"warm": 0.050}, 10)
     balancer.add("cold")
-    assert [balancer.acquire().name for _ in range(5)] == ["cold"] * 5
+    assert [balancer.acquire().server.name for _ in range(5)] == ["cold"] * 5
 
 
 def test_all_cold_with_probes_out_spread_by_deadline() -> None:
     balancer = balancer_with("a", "b", "c")
-    assert [balancer.acquire().name for _ in range(3)] == ["a", "b", "c"]
+    assert [balancer.acquire().server.name for _ in range(3)] == ["a", "b", "c"]
     # No information anywhere: every pick is an earliest-deadline tie-break, none is flooded.
-    assert Counter(balancer.acquire().name for _ in range(9)) == {"a": 4, "b": 3, "c": 2}
+    assert Counter(balancer.acquire().server.name for _ in range(9)) == {"a": 4, "b": 3, "c": 2}
 
 
 def test_recovered_server_is_probed_again_and_trusted() -> None:
@@ -231,7 +231,7 @@ def test_weights_share_traffic_at_equal_speed() -> None:
     served: Counter[str] = Counter()
     held: list[Server] = []
     for _ in range(40):  # concurrent load: in flight decides, weighted
-        server = balancer.acquire()
+        server = balancer.acquire().server
         balancer.record_ttfb(server, 0.010)
         held.append(server)
         served[server.name] += 1
@@ -276,7 +276,7 @@ def test_a_cold_server_in_a_sampled_pool_still_gets_one_probe() -> None:
     balancer = large_pool(20)
     cold = balancer.add("cold")
     assert cold is not None
-    picks = [balancer.acquire() for _ in range(2000)]
+    picks = [balancer.acquire().server for _ in range(2000)]
     assert sum(server is cold for server in picks) == 1  # scores 0 when drawn, then infinity
 
 

@@ -27,7 +27,7 @@ def traefik(*servers: str | tuple[str, float], wants_health_check: bool = False)
 
 def serve(balancer: Balancer, ttfb: float = 0.0) -> str:
     """One simulated request: pick, count in flight, answer after ``ttfb`` seconds, release."""
-    server = balancer.acquire()
+    server = balancer.acquire().server
     balancer.record_ttfb(server, ttfb)
     balancer.release(server)
     return server.name
@@ -107,7 +107,7 @@ def test_08_status_propagates_from_child_balancers() -> None:
 
     served: Counter[str] = Counter()
     for _ in range(4):
-        child = children[top.acquire().name]
+        child = children[top.acquire().server.name]
         served[serve(child)] += 1
     assert served["first"] == 0
     assert served["second"] == 0
@@ -213,7 +213,7 @@ def test_18_inflight_during_a_request() -> None:
     balancer = traefik("s")
     server = balancer["s"]
     assert server.inflight == 0
-    assert balancer.acquire() is server
+    assert balancer.acquire().server is server
     assert server.inflight == 1
     balancer.release(server)
     assert server.inflight == 0
@@ -258,12 +258,12 @@ async def test_21_concurrent_requests_spread_by_inflight() -> None:
     balancer = traefik("first", "second")
     fill(balancer, "first", 10)
     fill(balancer, "second", 10)
-    held = [balancer.acquire() for _ in range(5)]
+    held = [balancer.acquire().server for _ in range(5)]
     release = anyio.Event()
     served: Counter[str] = Counter()
 
     async def request() -> None:
-        server = balancer.acquire()
+        server = balancer.acquire().server
         served[server.name] += 1
         await release.wait()
         balancer.record_ttfb(server, 0.010)
@@ -306,7 +306,7 @@ def test_25_inflight_steers_picks_away() -> None:
     fill(balancer, "server2", 10)
     for _ in range(5):
         balancer.track(balancer["server1"])
-    assert Counter(balancer.acquire().name for _ in range(5)) == {"server2": 5}
+    assert Counter(balancer.acquire().server.name for _ in range(5)) == {"server2": 5}
 
 
 def test_26_cold_server_joins_and_takes_over() -> None:
@@ -324,7 +324,7 @@ def test_26_cold_server_joins_and_takes_over() -> None:
 def split_by_speed(balancer: Balancer, requests: int, ttfb: dict[str, float]) -> Counter[str]:
     served: Counter[str] = Counter()
     for _ in range(requests):
-        server = balancer.acquire()
+        server = balancer.acquire().server
         balancer.record_ttfb(server, ttfb[server.name])
         balancer.release(server)
         served[server.name] += 1

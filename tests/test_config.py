@@ -7,8 +7,18 @@ from typing import Any
 
 import pytest
 
+from asgi_leasttime import HealthCheck, LeastTimeProxy, PassiveHealthCheck, StickyCookie, Upstream
 from asgi_leasttime.cli import main
-from asgi_leasttime.config import ConfigError, load_config, parse_config
+from asgi_leasttime.client import limits, timeouts
+from asgi_leasttime.config import (
+    TABLES,
+    AdminOptions,
+    ConfigError,
+    ServerOptions,
+    load_config,
+    parse_config,
+)
+from asgi_leasttime.options import OptionError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lb.toml"
 
@@ -145,12 +155,182 @@ def test_invalid_toml_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 def test_every_key_is_documented() -> None:
-    from asgi_leasttime.config import SCHEMA
-
     page = (EXAMPLE.parent.parent / "docs" / "configuration.md").read_text()
     sections = page.split("\n## ")[1:]
-    for name, spec in SCHEMA.items():
+    for name, table in TABLES.items():
         title = "[[upstreams]]" if name == "upstream" else f"[{name}]"
         (section,) = [s for s in sections if s.startswith(title)]
-        for key in spec:
+        for key in table.options():
             assert f"| `{key}` |" in section, (name, key)
+
+
+# -- every option of the file is its constructor's, with the same meaning and the same errors ----
+
+URL = "http://127.0.0.1:9001"
+
+# A value other than the default for every key of every table.
+SAMPLES: dict[tuple[str, str], Any] = {
+    ("server", "host"): "0.0.0.0",
+    ("server", "port"): 9000,
+    ("server", "workers"): 3,
+    ("server", "name"): "shop",
+    ("server", "freeze_gc"): False,
+    ("balancer", "mode"): "traefik",
+    ("balancer", "pass_host_header"): False,
+    ("balancer", "trusted_proxies"): ["10.0.0.0/8", "::1"],
+    ("upstream", "url"): "http://127.0.0.1:9002/base",
+    ("upstream", "name"): "named",
+    ("upstream", "weight"): 2.5,
+    ("upstream", "fenced"): True,
+    ("sticky", "secret_key"): ["old", "new"],
+    ("sticky", "name"): "lb",
+    ("sticky", "secure"): True,
+    ("sticky", "httponly"): True,
+    ("sticky", "samesite"): "LAX",
+    ("sticky", "max_age"): 60,
+    ("sticky", "path"): "/app",
+    ("sticky", "domain"): "example.com",
+    ("sticky", "sliding"): True,
+    ("sticky", "secret_key_env"): "MY_SECRETS",
+    ("health_check", "path"): "/ping",
+    ("health_check", "scheme"): "https",
+    ("health_check", "port"): 8443,
+    ("health_check", "method"): "HEAD",
+    ("health_check", "hostname"): "probe.example",
+    ("health_check", "headers"): {"x-probe": "1"},
+    ("health_check", "follow_redirects"): False,
+    ("health_check", "status"): 204,
+    ("health_check", "interval"): 2.5,
+    ("health_check", "timeout"): 1,
+    ("health_check", "unhealthy_interval"): 0.5,
+    ("passive_health_check", "failure_window"): 3,
+    ("passive_health_check", "max_failed_attempts"): 2,
+    ("timeouts", "connect"): 1,
+    ("timeouts", "read"): 2.5,
+    ("timeouts", "write"): 3,
+    ("timeouts", "pool"): 4,
+    ("limits", "max_connections"): 10,
+    ("limits", "max_keepalive_connections"): 5,
+    ("limits", "keepalive_expiry"): 1.5,
+    ("admin", "host"): "0.0.0.0",
+    ("admin", "port"): 9100,
+}
+
+# Values each constructor refuses, for the keys that have a rule beyond their type.
+REFUSED: dict[tuple[str, str], Any] = {
+    ("server", "port"): 70000,
+    ("server", "workers"): 0,
+    ("balancer", "mode"): "fastest",
+    ("balancer", "trusted_proxies"): ["nope"],
+    ("upstream", "url"): "ftp://x",
+    ("upstream", "weight"): -1,
+    ("sticky", "name"): "a b",
+    ("sticky", "samesite"): "sideways",
+    ("sticky", "max_age"): -1,
+    ("sticky", "path"): "/a;b",
+    ("health_check", "path"): "ping",
+    ("health_check", "scheme"): "ftp",
+    ("health_check", "port"): 0,
+    ("health_check", "status"): 42,
+    ("health_check", "interval"): 0,
+    ("passive_health_check", "failure_window"): 0,
+    ("passive_health_check", "max_failed_attempts"): 0,
+    ("timeouts", "read"): 0,
+    ("limits", "max_connections"): 0,
+    ("limits", "keepalive_expiry"): -1,
+    ("admin", "port"): 70000,
+}
+
+
+def direct(table: str, key: str, value: Any) -> Any:
+    """What the constructor behind ``table`` makes of ``key = value``, called from Python."""
+    options = {key: value}
+    if table == "server":
+        return (
+            LeastTimeProxy(upstreams=[], **options)
+            if key in ("name", "freeze_gc")
+            else (ServerOptions(**options))
+        )
+    if table == "balancer":
+        proxy = LeastTimeProxy(upstreams=[], **options)
+        return proxy.balancer if key == "mode" else proxy.request_headers
+    if table == "upstream":
+        return Upstream(**{"url": URL, **options})
+    if table == "sticky":
+        return StickyCookie(**{"secret_key": "k", **options})
+    constructors: dict[str, Any] = {
+        "health_check": HealthCheck,
+        "passive_health_check": PassiveHealthCheck,
+        "timeouts": timeouts,
+        "limits": limits,
+        "admin": AdminOptions,
+    }
+    return constructors[table](**options)
+
+
+def from_file(table: str, key: str, value: Any) -> Any:
+    """What the configuration file makes of ``key = value`` in ``table``."""
+    upstream = {"url": URL, **({key: value} if table == "upstream" else {})}
+    document: dict[str, Any] = {"upstreams": [upstream]}
+    if table != "upstream":
+        document[table] = {key: value}
+    if table == "sticky" and key != "secret_key":
+        document[table]["secret_key"] = "k"
+    config = parse_config(document)
+    proxy = config.build_proxy({})
+    if table == "server":
+        section = config.section(table)
+        if key in ("name", "freeze_gc"):
+            return proxy
+        return ServerOptions(host=section["host"], port=section["port"], workers=section["workers"])
+    if table == "balancer":
+        return proxy.balancer if key == "mode" else proxy.request_headers
+    views: dict[str, Any] = {
+        "upstream": lambda: next(iter(proxy.upstreams.values())),
+        "sticky": lambda: proxy.sticky,
+        "health_check": lambda: proxy.health_check,
+        "passive_health_check": lambda: proxy.passive_health_check,
+        "timeouts": lambda: proxy._timeout,
+        "limits": lambda: proxy._limits,
+        "admin": lambda: AdminOptions(**config.section(table)),
+    }
+    return views[table]()
+
+
+def test_every_option_has_a_sample() -> None:
+    options = {(name, key) for name, table in TABLES.items() for key in table.options()}
+    assert set(SAMPLES) == options
+    assert set(REFUSED) <= options
+
+
+@pytest.mark.parametrize(
+    ("table", "key"), [k for k in SAMPLES if k != ("sticky", "secret_key_env")]
+)
+def test_an_option_means_in_the_file_what_it_means_to_its_constructor(table: str, key: str) -> None:
+    value = SAMPLES[table, key]
+    made, read = direct(table, key, value), from_file(table, key, value)
+    attribute = "_signer" if key == "secret_key" else key
+    if key == "secret_key":
+        assert read._signer.secret_keys == made._signer.secret_keys
+    else:
+        assert getattr(read, attribute) == getattr(made, attribute)
+    default = TABLES[table].options()[key].default
+    assert getattr(read, attribute) != default or key == "secret_key"
+
+
+def test_the_sticky_keys_come_from_the_variable_the_file_names() -> None:
+    document = {"upstreams": [{"url": URL}], "sticky": {"secret_key_env": "MY_SECRETS"}}
+    proxy = parse_config(document).build_proxy({"MY_SECRETS": "old, new"})
+    assert proxy.sticky is not None
+    assert proxy.sticky._signer.secret_keys == [b"old", b"new"]
+
+
+@pytest.mark.parametrize(("table", "key"), list(REFUSED))
+def test_an_option_is_refused_in_the_file_as_by_its_constructor(table: str, key: str) -> None:
+    value = REFUSED[table, key]
+    with pytest.raises(OptionError) as refused:
+        direct(table, key, value)
+    where = "upstreams[0]" if table == "upstream" else table
+    with pytest.raises(ConfigError) as reported:
+        from_file(table, key, value)
+    assert reported.value.errors == [f"{where}.{refused.value.option}: {refused.value.reason}"]

@@ -440,3 +440,37 @@ async def test_a_probe_that_raises_stops_no_other_upstreams_checks(
         assert proxy.balancer["ok"].up
     await client.aclose()
     assert "health probe of http://10.0.0.1/health failed unexpectedly" in caplog.text
+
+
+async def test_removing_an_upstream_removes_everything_kept_for_it() -> None:
+    """Its checks stop, a nested proxy's checks and status reports stop too, and its sticky
+    cookies get a fresh pick; another upstream added under the same name starts afresh."""
+    from asgi_leasttime import StickyCookie
+
+    a, inner = UpstreamApp("a"), UpstreamApp("inner")
+    async with running(a) as a_url, running(inner) as inner_url:
+        check = HealthCheck(interval=0.02)
+        child = LeastTimeProxy(upstreams=[Upstream(inner_url, name="inner")], health_check=check)
+        parent = LeastTimeProxy(
+            upstreams=[Upstream(a_url, name="a"), Upstream(app=child, name="child", fenced=True)],
+            health_check=check,
+            sticky=StickyCookie(secret_key="k"),
+        )
+        async with (
+            running(parent, lifespan="on") as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as client,
+        ):
+            await wait_until(lambda: len(a.probes) >= 2 and len(inner.probes) >= 2)
+            cookie = (await client.get("/")).headers["set-cookie"].split(";")[0]
+            parent.remove_upstream("a")
+            parent.remove_upstream("child")
+            probes = len(a.probes), len(inner.probes)
+            child.set_status("inner", False)  # once raised UnknownServer in the parent
+            child.set_status("inner", True)
+            await anyio.sleep(0.2)
+            assert (len(a.probes), len(inner.probes)) == probes  # every check stopped
+            parent.add_upstream(Upstream(a_url, name="a"))  # the same name, afresh
+            response = await client.get("/", headers={"cookie": cookie})
+            assert response.headers["x-upstream"] == "a"
+            assert parent.balancer["a"].requests == 1
+            await wait_until(lambda: len(a.probes) > probes[0])  # checked again

@@ -58,7 +58,9 @@ async def test_keep_alive_connections_are_reused(monkeypatch: pytest.MonkeyPatch
 
 async def test_the_pool_limit_queues_and_times_out() -> None:
     async with running(UpstreamApp("a", delay=0.3)) as url:
-        client = LeanClient(timeout=httpx.Timeout(5, pool=0.1), max_connections=1)
+        client = LeanClient(
+            timeout=httpx.Timeout(5, pool=0.1), limits=httpx.Limits(max_connections=1)
+        )
         outcomes: list[object] = []
 
         async def one() -> None:
@@ -143,4 +145,16 @@ async def test_no_read_timeout_means_no_deadline_checks() -> None:
         client = LeanClient(timeout=httpx.Timeout(5, read=None))
         assert client._deadlines is None
         assert (await get(client, url))[0] == 200
+        await client.aclose()
+
+
+async def test_idle_connections_kept_are_capped_by_max_keepalive_connections() -> None:
+    async with running(UpstreamApp("a", delay=0.1)) as url:
+        limits = httpx.Limits(max_connections=10, max_keepalive_connections=1)
+        client = LeanClient(timeout=httpx.Timeout(5), limits=limits)
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):  # four at once: four connections
+                tg.start_soon(get, client, url)
+        [pool] = client._pools.values()
+        assert (len(pool.idle), pool.active) == (1, 0)
         await client.aclose()

@@ -11,7 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from asgi_leasttime import Balancer, Server
+from asgi_leasttime import Balancer, Lease
 
 
 class BalancerPolicy:
@@ -37,22 +37,21 @@ class BalancerPolicy:
         assert added is not None
         self.by_name[name] = added
 
-    def pick(self) -> tuple[Server, int]:
-        """The server, and how many others it had in flight (as the proxy tells the balancer)."""
-        server = self.balancer.acquire()
-        return server, server.inflight - 1
+    def pick(self) -> Lease:
+        """A lease, as the proxy takes one."""
+        return self.balancer.acquire()
 
-    def name_of(self, picked: tuple[Server, int]) -> str:
-        return picked[0].name
+    def name_of(self, picked: Lease) -> str:
+        return picked.server.name
 
-    def answered(self, picked: tuple[Server, int], ttfb: float) -> None:
-        self.balancer.record_ttfb(picked[0], ttfb, alongside=picked[1])
+    def answered(self, picked: Lease, ttfb: float) -> None:
+        picked.answered(200, ttfb)
 
-    def failed(self, picked: tuple[Server, int], ttfb: float) -> None:
-        self.balancer.record_failure(picked[0], ttfb)
+    def failed(self, picked: Lease, ttfb: float) -> None:
+        picked.answered(500, ttfb)  # the simulated failures answer, fast
 
-    def done(self, picked: tuple[Server, int]) -> None:
-        self.balancer.release(picked[0])
+    def done(self, picked: Lease) -> None:
+        picked.release()
 
 
 class _Counted:
