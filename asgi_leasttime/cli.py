@@ -119,8 +119,8 @@ def _serve_with_admin(config: Config, options: dict[str, Any], host: str, port: 
 
     import uvicorn
 
+    from asgi_leasttime._serving import QuietServer
     from asgi_leasttime.metrics import AdminApp
-    from asgi_leasttime.serving import QuietServer
 
     proxy = config.build_proxy()
     options = {**options, "factory": False}

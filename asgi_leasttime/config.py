@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asgi_leasttime._headers import RequestHeaders
 from asgi_leasttime.balancer import Balancer
 from asgi_leasttime.client import limits, timeouts
-from asgi_leasttime.headers import RequestHeaders
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.options import OptionError, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy

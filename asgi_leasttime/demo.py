@@ -50,7 +50,7 @@ async def serving(app: Any) -> AsyncIterator[str]:
     """Serve an app with uvicorn on an ephemeral loopback port."""
     import uvicorn
 
-    from asgi_leasttime.serving import QuietServer
+    from asgi_leasttime._serving import QuietServer
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -13,23 +13,23 @@ import anyio
 import anyio.abc
 import httpx
 
-from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
-from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
-from asgi_leasttime.forwarding import (
+from asgi_leasttime._forwarding import (
     Opener,
     forward_http,
     httpx_opener,
     send_error,
     upstream_target,
 )
-from asgi_leasttime.headers import BadRequest, RequestHeaders
+from asgi_leasttime._headers import BadRequest, RequestHeaders
+from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
+from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.lease import Lease
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from asgi_leasttime.lean import LeanClient
+    from asgi_leasttime._lean import LeanClient
     from asgi_leasttime.metrics import RequestMetrics
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
@@ -68,7 +68,7 @@ class LeastTimeProxy:
         trusted_proxies: addresses or networks whose ``X-Forwarded-*`` headers are kept.
         balancer: a :class:`Balancer` to use instead of a new one.
         upstream_client: ``"lean"`` (the default): the proxy's own HTTP/1.1 client on
-            httptools (:mod:`asgi_leasttime.lean`) for plain-http upstreams, about five times
+            httptools (:mod:`asgi_leasttime._lean`) for plain-http upstreams, about five times
             httpx's throughput here; or ``"httpx"``. A given ``client`` or ``transport``, and
             https upstreams, always use httpx.
         freeze_gc: on startup, move every object then alive out of the garbage collector's
@@ -129,7 +129,7 @@ class LeastTimeProxy:
         self._owns_client = client is None
         self._lean: LeanClient | None = None
         if upstream_client == "lean" and client is None and transport is None:
-            from asgi_leasttime.lean import LeanClient
+            from asgi_leasttime._lean import LeanClient
 
             self._lean = LeanClient(timeout=timeout, limits=limits)
         if client is not None:
@@ -408,7 +408,7 @@ class LeastTimeProxy:
             await send_error(send, 502, "bad gateway")
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from asgi_leasttime.websocket import forward_websocket
+        from asgi_leasttime._websocket import forward_websocket
 
         try:
             lease, _ = self._choose(scope)

@@ -83,7 +83,7 @@ def minimal_lean() -> Any:
     (no balancing, no header rules, no disconnect watching, no error answers)."""
     import httpx
 
-    from asgi_leasttime.lean import LeanClient
+    from asgi_leasttime._lean import LeanClient
 
     client = LeanClient(timeout=httpx.Timeout(60))
     targets = itertools.cycle(

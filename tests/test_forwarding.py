@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from asgi_leasttime import forwarding
-from asgi_leasttime.forwarding import WATCH_AFTER, Outcome, forward_http
+from asgi_leasttime import _forwarding as forwarding
+from asgi_leasttime._forwarding import WATCH_AFTER, Outcome, forward_http
 
 pytestmark = pytest.mark.anyio
 

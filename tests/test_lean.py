@@ -6,8 +6,8 @@ import anyio
 import httpx
 import pytest
 
-from asgi_leasttime import lean
-from asgi_leasttime.lean import LeanClient
+from asgi_leasttime import _lean as lean
+from asgi_leasttime._lean import LeanClient
 from tests import rawserver
 from tests.rawserver import raw_upstream
 from tests.servers import UpstreamApp, running

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from asgi_leasttime.sweeper import Sweeper
+from asgi_leasttime._sweeper import Sweeper
 
 pytestmark = pytest.mark.anyio
 

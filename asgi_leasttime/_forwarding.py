@@ -20,8 +20,8 @@ from urllib.parse import quote, unquote_to_bytes
 import h11
 import httpx
 
-from asgi_leasttime.headers import BadRequest, BadResponse, response_headers
-from asgi_leasttime.sweeper import Sweeper
+from asgi_leasttime._headers import BadRequest, BadResponse, response_headers
+from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.types import Headers, Message, Receive, Scope, Send
 
 __all__ = [

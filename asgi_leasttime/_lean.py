@@ -24,8 +24,8 @@ from typing import Any
 import httptools
 import httpx
 
+from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.client import DEFAULT_LIMITS
-from asgi_leasttime.sweeper import Sweeper
 from asgi_leasttime.types import Headers
 
 __all__ = ["LeanClient", "LeanResponse"]
