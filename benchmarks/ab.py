@@ -6,7 +6,7 @@
 
 Each tree's proxy (``benchmarks.apps:ours`` by default, imported from that tree) runs under one
 uvicorn worker in front of the same three nginx upstreams; the trees take turns, round after
-round. Prints the medians of requests per second, p50 and p99, and the proxy's CPU time per
+round, each round starting with the next. Prints the medians of requests per second, p50 and p99, and the proxy's CPU time per
 request (user + system, from /proc): on a shared machine that last figure moves less than the
 others. Needs nginx and wrk.
 """
@@ -54,7 +54,10 @@ def main() -> None:
         upstreams = [f"http://127.0.0.1:{port}" for port in start_upstreams(stack)]
         for round_number in range(1, args.rounds + 1):
             print(f"round {round_number}/{args.rounds}", flush=True)
-            for tree in trees:
+            # Each round starts with the next configuration: whichever runs first in a round
+            # measured up to 12 % faster at 64 connections here, whatever the tree.
+            shift = (round_number - 1) % len(trees)
+            for tree in trees[shift:] + trees[:shift]:
                 port = free_port()
                 root, http = tree
                 with uvicorn_app(args.factory, upstreams, port, root=root, http=http) as pid:
