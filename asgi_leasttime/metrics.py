@@ -10,11 +10,13 @@ upstream's average TTFB, requests in flight and score. prometheus-client is an o
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
+
+from asgi_leasttime.admin import WRITES, write
+from asgi_leasttime.options import OptionError
+from asgi_leasttime.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from asgi_leasttime.proxy import LeastTimeProxy
@@ -104,7 +106,14 @@ class _UpstreamCollector:
         failures = CounterMetricFamily(
             f"{PREFIX}_server_failures", "Failures recorded for the upstream.", labels=labels
         )
+        down = GaugeMetricFamily(
+            f"{PREFIX}_server_down_seconds",
+            "Seconds a source (manual, active, passive, parent) has said the upstream is down.",
+            labels=(*labels, "source"),
+        )
         for status in self.proxy.upstream_status():
+            for source, seconds in status.down.items():
+                down.add_metric((service, status.name, source), seconds)
             up.add_metric((service, status.url or status.name), 1.0 if status.up else 0.0)
             key = (service, status.name)
             ttfb.add_metric(key, status.average_ttfb)
@@ -114,27 +123,46 @@ class _UpstreamCollector:
             weight.add_metric(key, status.weight)
             requests.add_metric(key, status.requests)
             failures.add_metric(key, status.failures)
-        yield from (up, ttfb, inflight, score, fenced, weight, requests, failures)
+        yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures)
 
 
 class AdminApp:
-    """ASGI app with ``/metrics`` (Prometheus text) and ``/status`` (JSON) for one proxy.
+    """ASGI app with ``/metrics`` (Prometheus text) and ``/status`` (JSON) for one proxy, and,
+    given a ``token``, the write API under ``/upstreams/`` (see :mod:`asgi_leasttime.admin`).
 
     Creating it turns on the proxy's per-request counters when prometheus-client is installed.
     """
 
-    def __init__(self, proxy: LeastTimeProxy) -> None:
+    def __init__(self, proxy: LeastTimeProxy, *, token: str | None = None) -> None:
+        if token is not None and len(token) < 16:
+            raise OptionError("token", "must be at least 16 characters")
         self.proxy = proxy
+        self.token = token
         try:
             self.metrics: RequestMetrics | None = RequestMetrics(proxy)
         except ImportError:
             self.metrics = None
         proxy.metrics = self.metrics
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         path = scope["path"][len(scope.get("root_path", "")) :] or "/"
+        raw_path: bytes = scope.get("raw_path") or path.encode()
+        if scope["method"] in WRITES or path.startswith("/upstreams/"):
+            name = raw_path.decode("latin-1").rpartition("/upstreams/")[2]
+            if scope["method"] not in WRITES or not path.startswith("/upstreams/") or not name:
+                status, document = 405, {"error": "the write API is POST, PUT and DELETE"}
+            else:
+                status, document = await write(self.proxy, self.token, scope, receive, name)
+            body = json.dumps(document).encode()
+            headers = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode())]  # fmt: skip
+            if status == 401:
+                headers.append((b"www-authenticate", b"Bearer"))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         if path == "/metrics":
             status, content_type, body = self.render_metrics()
         elif path == "/status":
@@ -156,10 +184,7 @@ class AdminApp:
 
     def render_status(self) -> bytes:
         """The body of ``/status``: the proxy and every upstream, as JSON."""
-        upstreams = [dataclasses.asdict(status) for status in self.proxy.upstream_status()]
-        for upstream in upstreams:  # JSON has no infinity: a cold server with its probe out
-            if not math.isfinite(upstream["score"]):
-                upstream["score"] = None
+        upstreams = [status.as_json() for status in self.proxy.upstream_status()]
         document = {
             "service": self.proxy.name,
             "mode": self.proxy.balancer.mode,

@@ -25,6 +25,7 @@ from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.lease import Lease
+from asgi_leasttime.state import Change, InProcessState, Record, StateStore
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.types import ASGIApp, Headers, Message, Receive, Scope, Send
 
@@ -77,6 +78,10 @@ class LeastTimeProxy:
             request in flight: p99 at 64 connections fell from 44 ms to 18 ms in
             ``benchmarks/proxy.py``. It acts on the whole process; pass ``False`` to leave the
             collector alone.
+        state: where runtime changes to the upstreams (manual down, fenced, weight, added,
+            removed) are kept and shared: :class:`~asgi_leasttime.state.InProcessState` (the
+            default, this process only) or :class:`~asgi_leasttime.redis_state.RedisState`
+            (every process on one Redis or Valkey server).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class LeastTimeProxy:
         balancer: Balancer | None = None,
         upstream_client: Literal["httpx", "lean"] = "lean",
         freeze_gc: bool = True,
+        state: StateStore | None = None,
     ) -> None:
         self.app = app
         self.freeze_gc = freeze_gc
@@ -122,6 +128,8 @@ class LeastTimeProxy:
             pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
         )
         self.upstreams: dict[str, Upstream] = {}
+        self.state = state if state is not None else InProcessState()
+        self.state.bind(self)
         self._timeout = timeout
         self._limits = limits
         self._transport = transport
@@ -135,20 +143,56 @@ class LeastTimeProxy:
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
-            self.add_upstream(upstream)
+            self._add(Upstream(upstream) if isinstance(upstream, str) else upstream)
 
     # -- upstreams and status ---------------------------------------------------------------------
 
     def add_upstream(self, upstream: str | Upstream) -> Upstream:
-        """Add an upstream while the proxy runs; it starts up and cold."""
+        """Add an upstream while the proxy runs; it starts up and cold. An upstream with a URL
+        is added in every process sharing this proxy's state store."""
         if isinstance(upstream, str):
             upstream = Upstream(upstream)
+        self._add(upstream)
+        if upstream.url is not None:
+            value = {"url": str(upstream.url), "weight": upstream.weight, "fenced": upstream.fenced}
+            self.state.share(Change(upstream.name, "add", value))
+        return upstream
+
+    def remove_upstream(self, name: str) -> None:
+        """Remove an upstream and everything the proxy keeps for it: its health checks stop
+        (a nested proxy's too) and its sticky cookies get a fresh pick; its requests in flight
+        finish. Shared through the state store."""
+        self._remove(name)
+        self.state.share(Change(name, "remove"))
+
+    def set_status(self, name: str, up: bool) -> None:
+        """Mark an upstream down by hand, or clear that mark (the in-process health API). A
+        health check never clears a manual down, and a manual up does not clear a failing check's
+        down: the upstream takes requests once no source says it is down. Shared through the
+        state store."""
+        self.balancer.set_status(name, up, "manual")
+        self.state.share(Change(name, "down", not up))
+
+    def set_fenced(self, name: str, fenced: bool) -> None:
+        """Drain an upstream (no new picks, sticky clients still served) or take it back.
+        Shared through the state store."""
+        self.balancer.set_fenced(name, fenced)
+        self.state.share(Change(name, "fenced", fenced))
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """Change an upstream's weight; its statistics are kept. Shared through the state
+        store."""
+        self._set_weight(name, weight)
+        self.state.share(Change(name, "weight", weight))
+
+    # Everything keyed by an upstream's name is added in _add and removed in _remove.
+
+    def _add(self, upstream: Upstream) -> None:
         if upstream.name in self.upstreams:
             raise ValueError(f"an upstream named {upstream.name!r} is already in this proxy")
         server = self.balancer.add(upstream.name, weight=upstream.weight, fenced=upstream.fenced)
         if server is None:
-            return upstream  # weight <= 0: left out, as in Traefik
-        # Everything keyed by an upstream's name is added here and removed in remove_upstream.
+            return  # weight 0: left out, as in Traefik
         name = upstream.name
         self.upstreams[name] = upstream
         if self.sticky is not None:
@@ -159,18 +203,14 @@ class LeastTimeProxy:
         if isinstance(child, LeastTimeProxy):
             # A balancer of balancers: the child's overall status is this upstream's status.
             def follow_child(up: bool) -> None:
-                self.set_status(name, up)
+                self.balancer.set_status(name, up, "parent")
 
             child.balancer.register_status_updater(follow_child)
             self._child_updaters[name] = follow_child
             if not child.balancer.up:
-                self.balancer.set_status(name, False)
-        return upstream
+                self.balancer.set_status(name, False, "parent")
 
-    def remove_upstream(self, name: str) -> None:
-        """Remove an upstream and everything the proxy keeps for it: its health checks stop
-        (a nested proxy's too) and its sticky cookies get a fresh pick; its requests in flight
-        finish."""
+    def _remove(self, name: str) -> None:
         self.balancer.remove(name)
         upstream = self.upstreams.pop(name)
         if self.sticky is not None:
@@ -183,6 +223,10 @@ class LeastTimeProxy:
             child.balancer.unregister_status_updater(self._child_updaters.pop(name))
             child._stop_watching()
 
+    def _set_weight(self, name: str, weight: float) -> None:
+        self.balancer.set_weight(name, weight)
+        self.upstreams[name].weight = weight
+
     def _stop_watching(self) -> None:
         """Stop every health check of this proxy and of the proxies nested in it."""
         for watcher in self._watchers.values():
@@ -192,23 +236,45 @@ class LeastTimeProxy:
             if isinstance(upstream.app, LeastTimeProxy):
                 upstream.app._stop_watching()
 
-    def set_status(self, name: str, up: bool) -> None:
-        """Mark an upstream up or down (the in-process health API)."""
-        self.balancer.set_status(name, up)
+    def _apply_change(self, change: Change) -> None:
+        """Make a change here (from the admin API, through the state store)."""
+        name, operation, value = change.name, change.operation, change.value
+        if operation == "down":
+            self.balancer.set_status(name, not value, "manual")
+        elif operation == "fenced":
+            self.balancer.set_fenced(name, value)
+        elif operation == "weight":
+            self._set_weight(name, value)
+        elif operation == "add":
+            options = {k: v for k, v in value.items() if k in ("weight", "fenced")}
+            self._add(Upstream(value["url"], name=name, **options))
+        elif operation == "remove":
+            self._remove(name)
 
-    def set_fenced(self, name: str, fenced: bool) -> None:
-        """Drain an upstream (no new picks, sticky clients still served) or take it back."""
-        self.balancer.set_fenced(name, fenced)
-
-    def set_weight(self, name: str, weight: float) -> None:
-        """Change an upstream's weight; its statistics are kept."""
-        self.balancer.set_weight(name, weight)
-        self.upstreams[name].weight = weight
+    def _apply_record(self, name: str, record: Record) -> None:
+        """Bring an upstream to what a record from the state store says of it."""
+        if record.get("removed"):
+            if name in self.upstreams:
+                self._remove(name)
+            return
+        upstream = self.upstreams.get(name)
+        if upstream is None:
+            if "url" not in record:
+                return  # a change to an upstream this process was not configured with
+            options = {k: record[k] for k in ("weight", "fenced") if k in record}
+            self._add(Upstream(record["url"], name=name, **options))
+        if "weight" in record and record["weight"] != self.upstreams[name].weight:
+            self._set_weight(name, record["weight"])
+        if "fenced" in record:
+            self.balancer.set_fenced(name, record["fenced"])
+        if "down" in record:
+            self.balancer.set_status(name, not record["down"], "manual")
 
     def upstream_status(self) -> list[UpstreamStatus]:
         """Every upstream with its status and statistics, in the order they were added."""
+        now = self.balancer.clock()
         return [
-            UpstreamStatus.of(upstream, server)
+            UpstreamStatus.of(upstream, server, now)
             for upstream in self.upstreams.values()
             if (server := self.balancer.get(upstream.name)) is not None
         ]
@@ -239,6 +305,7 @@ class LeastTimeProxy:
         async with contextlib.AsyncExitStack() as stack:
             _ = self.client
             stack.push_async_callback(self.aclose)
+            await stack.enter_async_context(self.state.running())
             for upstream in self.upstreams.values():
                 if isinstance(upstream.app, LeastTimeProxy):
                     await stack.enter_async_context(upstream.app.lifespan())

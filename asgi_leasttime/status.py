@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from asgi_leasttime.balancer import Server
 from asgi_leasttime.upstream import Upstream
@@ -17,6 +20,8 @@ class UpstreamStatus:
     name: str
     url: str | None
     up: bool
+    down: dict[str, float]
+    """Each source that says the upstream is down, with how many seconds it has said so."""
     fenced: bool
     weight: float
     average_ttfb: float
@@ -25,13 +30,22 @@ class UpstreamStatus:
     requests: int
     failures: int
 
+    def as_json(self) -> dict[str, Any]:
+        """As ``/status`` shows it (JSON has no infinity: a cold upstream's score, while its
+        first probe is out, is ``None``)."""
+        document = dataclasses.asdict(self)
+        if not math.isfinite(self.score):
+            document["score"] = None
+        return document
+
     @classmethod
-    def of(cls, upstream: Upstream, server: Server) -> UpstreamStatus:
-        """The snapshot of an upstream and its balancer server."""
+    def of(cls, upstream: Upstream, server: Server, now: float) -> UpstreamStatus:
+        """The snapshot of an upstream and its balancer server at ``now`` (balancer clock)."""
         return cls(
             name=upstream.name,
             url=str(upstream.url) if upstream.url is not None else None,
             up=server.up,
+            down={source: now - since for source, since in server.down_flags.items()},
             fenced=server.fenced,
             weight=server.weight,
             average_ttfb=server.average,

@@ -6,9 +6,9 @@
 
 Each tree's proxy (``benchmarks.apps:ours`` by default, imported from that tree) runs under one
 uvicorn worker in front of the same three nginx upstreams; the trees take turns, round after
-round, each round starting with the next. Prints the medians of requests per second, p50 and p99, and the proxy's CPU time per
-request (user + system, from /proc): on a shared machine that last figure moves less than the
-others. Needs nginx and wrk.
+round, each round starting with the next. Prints the medians of requests per second, p50 and
+p99, and the proxy's CPU time per request (user + system, from /proc): on a shared machine that
+last figure moves less than the others. Needs nginx and wrk.
 """
 
 from __future__ import annotations

@@ -339,3 +339,47 @@ def test_traefik_mode_counts_every_request_in_flight_in_full() -> None:
     balancer = balancer_with("a", mode="traefik")  # type: ignore[arg-type]
     server = feed(balancer, "a", {0: 0.010, 2: 0.010}, 10)
     assert server.queueing == 1.0
+
+
+# -- status flags, one per source -----------------------------------------------------------------
+
+
+def test_each_source_clears_only_its_own_flag() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("a", "b", clock=clock)
+    balancer.set_status("a", False)  # manual, by default
+    clock.now += 5
+    balancer.set_status("a", False, "active")
+    balancer.set_status("a", True, "active")  # the probe passes again: still down by hand
+    assert (balancer["a"].up, dict(balancer["a"].down_flags)) == (False, {"manual": 1000.0})
+    assert {balancer.next_server().name for _ in range(5)} == {"b"}
+    balancer.set_status("a", False, "passive")
+    balancer.set_status("a", True)  # the manual up leaves the passive ejection standing
+    assert dict(balancer["a"].down_flags) == {"passive": 1005.0}
+    balancer.set_status("a", True, "passive")
+    assert balancer["a"].up
+    assert not balancer["a"].down_flags
+
+
+def test_a_flag_set_twice_keeps_its_first_time() -> None:
+    clock = FakeClock()
+    balancer = balancer_with("a", clock=clock)
+    balancer.set_status("a", False, "parent")
+    clock.now += 3
+    balancer.set_status("a", False, "parent")
+    assert dict(balancer["a"].down_flags) == {"parent": 1000.0}
+
+
+def test_traefik_mode_keeps_one_status() -> None:
+    balancer = Balancer(mode="traefik", clock=FakeClock())
+    balancer.add("a")
+    balancer.set_status("a", False)
+    balancer.set_status("a", True, "active")  # Traefik: the last word wins, whoever says it
+    assert balancer["a"].up
+
+
+def test_an_unknown_source_is_refused() -> None:
+    from asgi_leasttime.options import OptionError
+
+    with pytest.raises(OptionError, match="source"):
+        balancer_with("a").set_status("a", False, "operator")  # type: ignore[arg-type]

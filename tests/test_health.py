@@ -474,3 +474,18 @@ async def test_removing_an_upstream_removes_everything_kept_for_it() -> None:
             assert response.headers["x-upstream"] == "a"
             assert parent.balancer["a"].requests == 1
             await wait_until(lambda: len(a.probes) > probes[0])  # checked again
+
+
+async def test_a_probe_never_undoes_a_manual_down() -> None:
+    async with healthy_proxy(
+        UpstreamApp("a"), UpstreamApp("b"), health_check=HealthCheck(interval=0.02)
+    ) as (proxy, client, _pool):
+        proxy.set_status("a", False)
+        await anyio.sleep(0.2)  # about ten passing probes of "a"
+        assert not up(proxy, "a")
+        assert await served_by(client, 10) == {"b": 10}
+        [status] = [s for s in proxy.upstream_status() if s.name == "a"]
+        assert list(status.down) == ["manual"]
+        assert status.down["manual"] >= 0.2
+        proxy.set_status("a", True)
+        assert up(proxy, "a")

@@ -91,10 +91,18 @@ async def test_metrics_and_status() -> None:
     assert any(
         name == "asgi_leasttime_service_request_duration_seconds_bucket" for name, _ in found
     )
+    down = {
+        (dict(labels)["server"], dict(labels)["source"])
+        for (name, labels), _ in found.items()
+        if name == "asgi_leasttime_server_down_seconds"
+    }
+    assert down == {("b", "manual")}
     document = json.loads(status.text)
     assert document["service"] == "shop"
     assert [u["name"] for u in document["upstreams"]] == ["a", "b"]
     assert document["upstreams"][1]["up"] is False
+    assert list(document["upstreams"][1]["down"]) == ["manual"]
+    assert document["upstreams"][0]["down"] == {}
     assert missing.status_code == 404
 
 

@@ -1,0 +1,239 @@
+"""RedisState: one state for every worker and machine, on a Redis or Valkey server.
+
+The server holds, under ``asgi-leasttime:<proxy name>``, a hash of one record per changed upstream
+and a version counter; a change is written in one transaction (the record merged, the counter
+bumped, the upstream's name published on a channel), retried when another writer got there first.
+Every process subscribes to the channel, then loads the whole hash, and applies whatever is newer
+than what it has, reading each named record from the hash; it does the same after every
+reconnect, so a change made while it was cut off still arrives. Nothing here is on the request path.
+
+The server may be unreachable at start or vanish at any time: the proxy keeps serving on what it
+knows (the configuration at start), logs the outage once, retries with a growing pause (0.1 s to
+5 s), keeps the changes made meanwhile and writes them, in order, once the server is back. A
+message on the channel that is not a well-formed record is logged and ignored. Only the proxy's
+own methods and the admin API write to the store: nothing a proxied client sends reaches it.
+
+Needs the ``redis`` package (``pip install 'asgi-leasttime[state]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio
+import redis.exceptions
+
+from asgi_leasttime.state import Change, Record, StateStore, merge, valid_record
+
+__all__ = ["RedisState"]
+
+logger = logging.getLogger("asgi_leasttime")
+
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+
+# What a lost or refusing server raises through redis-py.
+_REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisState(StateStore):
+    """The state shared through the Redis or Valkey server at ``url``.
+
+    Arguments:
+        url: ``redis://[:password@]host:port/db``, ``rediss://`` for TLS, or
+            ``unix:///path/to/socket``; a password may also come as ``password``.
+        prefix: the keys' prefix; the proxy's name is added, so several proxies can share one
+            server.
+        password: the server's password, if not in the URL.
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str = "asgi-leasttime", password: str | None = None
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self._prefix = prefix
+        # health_check_interval: a silent connection (the server gone without a word) is
+        # noticed by a PING within that many seconds.
+        self._client = redis.asyncio.from_url(
+            url, password=password, socket_connect_timeout=2, health_check_interval=5
+        )
+        self._pending: collections.deque[Change] = collections.deque()
+        self._wake_writer = asyncio.Event()
+        self._connected = False
+        self._outage_logged = False
+        self._ignored_at = 0.0
+
+    @property
+    def connected(self) -> bool:
+        """Whether the store is in step with the server right now."""
+        return self._connected
+
+    def _key(self, what: str) -> str:
+        name = self.proxy.name if self.proxy is not None else "leasttime"
+        return f"{self._prefix}:{name}:{what}"
+
+    # -- the proxy's side -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Follow the server's changes and write this process's for the proxy's lifespan."""
+        tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._write_pending())]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._client.aclose()
+
+    def share(self, change: Change) -> None:
+        """Queue a change already applied here for the server (written in order, kept while
+        the server is away)."""
+        self._pending.append(change)
+        self._wake_writer.set()
+
+    async def submit(self, change: Change) -> None:
+        """Write ``change`` to the server and apply the record it makes; while the server is
+        away, apply it here and queue it like :meth:`share`."""
+        merge(None, change, 1)  # refuse what no upstream could take, before anything changes
+        if self._connected and not self._pending:
+            try:
+                name, record = await self._write(change)
+            except _REDIS_ERRORS as exc:
+                self._lost(exc)
+            else:
+                self.apply(name, record)
+                return
+        assert self.proxy is not None
+        self.proxy._apply_change(change)
+        self.share(change)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def _write(self, change: Change) -> tuple[str, Record]:
+        """One change in one transaction: the record merged, the version bumped, the record
+        published. Retried when another process wrote in between (WATCH)."""
+        records, version_key, channel = (
+            self._key("records"),
+            self._key("version"),
+            self._key("changes"),
+        )
+        async with self._client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(records, version_key)
+                    raw = await pipe.hget(records, change.name)
+                    current = json.loads(raw) if raw else None
+                    version = int(await pipe.get(version_key) or 0) + 1
+                    record = merge(current if valid_record(current) else None, change, version)
+                    encoded = json.dumps(record)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(version_key, version)
+                    pipe.hset(records, change.name, encoded)
+                    pipe.publish(channel, json.dumps({"name": change.name}))
+                    await pipe.execute()
+                    return change.name, record
+                except redis.exceptions.WatchError:
+                    continue
+
+    async def _write_pending(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            while self._pending and self._connected:
+                change = self._pending[0]
+                try:
+                    await self._write(change)
+                except _REDIS_ERRORS as exc:
+                    self._lost(exc)
+                    break
+                except ValueError as exc:  # no longer takes (removed meanwhile, say)
+                    logger.warning("state store: dropped change %s: %s", change, exc)
+                self._pending.popleft()
+
+    # -- following --------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        pause = BACKOFF_FIRST
+        while True:
+            try:
+                async with self._client.pubsub() as pubsub:
+                    await pubsub.subscribe(self._key("changes"))
+                    await self._load_all()  # after subscribing: nothing falls in between
+                    self._reached()
+                    pause = BACKOFF_FIRST
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=None
+                        )
+                        if message is not None and message.get("type") == "message":
+                            await self._receive(message["data"])
+            except _REDIS_ERRORS as exc:
+                self._lost(exc)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, BACKOFF_MOST)
+
+    async def _load_all(self) -> None:
+        for name, raw in (await self._client.hgetall(self._key("records"))).items():
+            self._take(name, raw)
+
+    async def _receive(self, data: Any) -> None:
+        """A message says which upstream changed; its record is read from the hash, which is
+        what a message cannot forge (a record published with a huge version would otherwise
+        hold back every later change)."""
+        try:
+            name = json.loads(data)["name"]
+        except (ValueError, TypeError, KeyError):
+            self._ignore("a message that is not a change", data)
+            return
+        if not isinstance(name, str):
+            self._ignore("a message that names no upstream", data)
+            return
+        raw = await self._client.hget(self._key("records"), name)
+        if raw is not None:
+            self._take(name, raw)
+
+    def _take(self, name: Any, raw: Any) -> None:
+        try:
+            if isinstance(name, bytes):
+                name = name.decode()
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            self._ignore("a record that is not JSON", raw)
+            return
+        if not isinstance(name, str) or not valid_record(record):
+            self._ignore("a malformed record", record)
+            return
+        self.apply(name, record)
+
+    def _ignore(self, what: str, data: Any) -> None:
+        now = time.monotonic()
+        if now - self._ignored_at > 10:  # a flood of them logs once in ten seconds
+            self._ignored_at = now
+            logger.warning("state store: ignored %s: %.200r", what, data)
+
+    def _reached(self) -> None:
+        self._connected = True
+        if self._outage_logged:
+            logger.warning("state store %s reached again; its state loaded", self.url)
+            self._outage_logged = False
+        self._wake_writer.set()  # what was changed meanwhile goes out now
+
+    def _lost(self, exc: BaseException) -> None:
+        self._connected = False
+        if not self._outage_logged:
+            self._outage_logged = True
+            logger.warning(
+                "state store %s unreachable (%r): serving on the last known state, retrying",
+                self.url,
+                exc,
+            )

@@ -1,0 +1,157 @@
+"""The proxy's shared state: the runtime changes to its upstreams, seen by every process.
+
+What the configuration says is each process's starting point; what operators change at run time
+(an upstream marked down by hand, fenced, reweighed, added or removed) is a :class:`Change`. A
+store keeps, per upstream, one :data:`Record` of every change made so far, with a version that
+grows with each change, and hands each new record to every process, which applies it unless it
+has a newer one already: a late or replayed record never rolls a process back.
+
+Two stores: :class:`InProcessState` (the default: one process, nothing shared) and
+:class:`~asgi_leasttime.redis_state.RedisState` (every worker and machine on one Redis or Valkey
+server). Neither is on the request path: a change reaches the balancer through the store's own
+task, and the proxy keeps serving on what it knows when the store is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from asgi_leasttime.options import OptionError
+from asgi_leasttime.upstream import Upstream
+
+if TYPE_CHECKING:
+    from asgi_leasttime.proxy import LeastTimeProxy
+
+__all__ = ["Change", "InProcessState", "Record", "StateStore", "merge", "valid_record"]
+
+logger = logging.getLogger("asgi_leasttime")
+
+Operation = Literal["down", "fenced", "weight", "add", "remove"]
+
+Record = dict[str, Any]
+"""One upstream's changes so far: ``version`` (int), and any of ``url`` (str), ``weight``
+(number), ``fenced`` (bool), ``down`` (bool: the manual flag), ``removed`` (bool)."""
+
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "url": (str,),
+    "weight": (int, float),
+    "fenced": (bool,),
+    "down": (bool,),
+    "removed": (bool,),
+}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change an operator makes to an upstream.
+
+    ``down``, ``fenced``: a bool; ``weight``: a number; ``add``: a mapping with ``url`` and
+    optionally ``weight`` and ``fenced``; ``remove``: no value.
+    """
+
+    name: str
+    operation: Operation
+    value: Any = None
+
+
+def merge(record: Record | None, change: Change, version: int) -> Record:
+    """The record after ``change``; raises :class:`~asgi_leasttime.options.OptionError` for a
+    change no upstream could take."""
+    merged: Record = dict(record or {})
+    merged["version"] = version
+    operation, value = change.operation, change.value
+    if operation in ("down", "fenced"):
+        if not isinstance(value, bool):
+            raise OptionError(operation, "must be true or false")
+        merged[operation] = value
+    elif operation == "weight":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OptionError("weight", "must be a number")
+        if not (value > 0 and math.isfinite(value)):
+            raise OptionError("weight", "must be a positive number")
+        merged["weight"] = value
+    elif operation == "add":
+        if not isinstance(value, dict) or not isinstance(value.get("url"), str):
+            raise OptionError("url", "an added upstream needs a url")
+        Upstream(value["url"], name=change.name, weight=value.get("weight", 1),
+                 fenced=value.get("fenced", False))  # fmt: skip
+        merged.update(url=value["url"], removed=False, weight=value.get("weight", 1),
+                      fenced=value.get("fenced", False), down=False)  # fmt: skip
+    elif operation == "remove":
+        merged["removed"] = True
+    else:
+        raise OptionError("operation", f"unknown: {operation!r}")
+    return merged
+
+
+def valid_record(record: Any) -> bool:
+    """Whether ``record`` (from a store, so from anyone) has the shape of a :data:`Record`."""
+    if not isinstance(record, dict):
+        return False
+    version = record.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return False
+    for key, value in record.items():
+        if key == "version":
+            continue
+        types = _FIELDS.get(key)
+        if types is None or isinstance(value, bool) != (bool in types):
+            return False
+        if not isinstance(value, types):
+            return False
+    weight = record.get("weight")
+    return weight is None or (weight > 0 and math.isfinite(weight))
+
+
+class StateStore:
+    """What a store does; :class:`InProcessState` and ``RedisState`` are the two there are.
+
+    The proxy binds itself at construction, runs :meth:`running` for its lifespan, calls
+    :meth:`share` after each change made through its own methods (already applied here), and the
+    admin API calls :meth:`submit`. A store calls :meth:`apply` with every record it learns of.
+    """
+
+    def __init__(self) -> None:
+        self.proxy: LeastTimeProxy | None = None
+        self.versions: dict[str, int] = {}  # the newest version applied, per upstream
+
+    def bind(self, proxy: LeastTimeProxy) -> None:
+        """The proxy whose upstreams this store keeps."""
+        self.proxy = proxy
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """For the proxy's lifespan: keep in step with the others, if there are any."""
+        yield
+
+    def share(self, change: Change) -> None:
+        """Tell the other processes of a change already applied here."""
+
+    async def submit(self, change: Change) -> None:
+        """Make ``change`` everywhere, this process included before this returns; raises
+        :class:`~asgi_leasttime.options.OptionError` for a change no upstream could take."""
+        merge(None, change, 1)  # refuse what no upstream could take, before anything changes
+        assert self.proxy is not None
+        self.proxy._apply_change(change)
+
+    def apply(self, name: str, record: Record) -> bool:
+        """Apply a record from the store unless a newer one was; whether it was. A record no
+        upstream could take is logged and ignored."""
+        if self.proxy is None or self.versions.get(name, 0) >= record["version"]:
+            return False
+        self.versions[name] = record["version"]
+        try:
+            self.proxy._apply_record(name, record)
+        except (ValueError, KeyError) as exc:  # OptionError, UnknownServer among them
+            logger.warning("ignored a change to upstream %r from the store: %s", name, exc)
+            return False
+        return True
+
+
+class InProcessState(StateStore):
+    """The state of one process: changes apply here, nothing is shared (the default)."""

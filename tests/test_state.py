@@ -1,0 +1,217 @@
+"""The shared state on a real Valkey and a real Redis server: changes reach every process, in
+order, and the store's absence, return and hostile messages change nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import redis
+
+from asgi_leasttime import LeastTimeProxy, Upstream
+from asgi_leasttime.metrics import AdminApp
+from asgi_leasttime.redis_state import RedisState
+from asgi_leasttime.state import Change, InProcessState, merge, valid_record
+from tests.servers import UpstreamApp, running, running_many, wait_until
+from tests.stores import StoreServer, server_binaries, store_server
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "a-token-of-at-least-16-characters"
+
+
+@pytest.fixture(params=sorted(server_binaries()) or ["valkey"])
+def store(request: pytest.FixtureRequest) -> Iterator[StoreServer]:
+    with store_server(request.param) as server:
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    store: StoreServer, count: int = 2
+) -> AsyncIterator[tuple[list[LeastTimeProxy], list[httpx.AsyncClient], list[str]]]:
+    """``count`` proxies (as if in as many processes) over the same two upstreams and store."""
+    async with running_many(UpstreamApp("a"), UpstreamApp("b")) as urls:
+        proxies = [
+            LeastTimeProxy(
+                upstreams=[Upstream(urls[0], name="a"), Upstream(urls[1], name="b")],
+                state=RedisState(store.url),
+            )
+            for _ in range(count)
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            clients = []
+            for proxy in proxies:
+                url = await stack.enter_async_context(running(proxy, lifespan="on"))
+                clients.append(
+                    await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=10))
+                )
+            await wait_until(lambda: all(p.state.connected for p in proxies))  # type: ignore[attr-defined]
+            yield proxies, clients, urls
+
+
+async def served(client: httpx.AsyncClient, count: int) -> set[str]:
+    return {(await client.get("/")).headers["x-upstream"] for _ in range(count)}
+
+
+async def test_every_change_reaches_every_process(store: StoreServer) -> None:
+    async with fleet(store, 3) as (proxies, clients, _), running(UpstreamApp("c")) as c_url:
+        first, *others = proxies
+        first.set_status("a", False)
+        await wait_until(lambda: not any(p.balancer["a"].up for p in others), 1.0)
+        for client in clients:
+            assert await served(client, 10) == {"b"}
+        first.set_status("a", True)
+        first.set_fenced("b", True)
+        first.set_weight("a", 4)
+        await wait_until(lambda: all(p.balancer["b"].fenced for p in others), 1.0)
+        await wait_until(lambda: all(p.balancer["a"].weight == 4 for p in others), 1.0)
+        assert all(p.balancer["a"].up for p in proxies)
+        first.add_upstream(Upstream(c_url, name="c"))
+        await wait_until(lambda: all("c" in p.upstreams for p in others), 1.0)
+        first.remove_upstream("b")
+        await wait_until(lambda: all("b" not in p.upstreams for p in others), 1.0)
+        for client in clients:
+            assert await served(client, 20) == {"a", "c"}
+
+
+async def test_the_admin_api_of_one_process_reaches_the_others(store: StoreServer) -> None:
+    async with fleet(store) as (proxies, clients, _):
+        transport = httpx.ASGITransport(app=AdminApp(proxies[0], token=TOKEN))
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as admin:
+            auth = {"authorization": f"Bearer {TOKEN}"}
+            answer = await admin.post("/upstreams/b", json={"down": True}, headers=auth)
+        assert answer.status_code == 200
+        assert not proxies[0].balancer["b"].up  # applied before the answer
+        await wait_until(lambda: not proxies[1].balancer["b"].up, 1.0)
+        assert await served(clients[1], 10) == {"a"}
+
+
+async def test_a_process_that_starts_later_loads_the_changes(store: StoreServer) -> None:
+    async with fleet(store, 1) as (proxies, _, urls):
+        proxies[0].set_fenced("a", True)
+        await wait_until(lambda: _records(store) == {"a"})
+        late = LeastTimeProxy(
+            upstreams=[Upstream(urls[0], name="a"), Upstream(urls[1], name="b")],
+            state=RedisState(store.url),
+        )
+        async with running(late, lifespan="on"):
+            await wait_until(lambda: late.balancer["a"].fenced, 2.0)
+
+
+def _records(store: StoreServer) -> set[str]:
+    client = redis.Redis(port=store.port)
+    return {key.decode() for key in client.hkeys("asgi-leasttime:leasttime:records")}
+
+
+def _publish(store: StoreServer, payload: Any) -> None:
+    client = redis.Redis(port=store.port)
+    data = payload if isinstance(payload, bytes) else json.dumps(payload)
+    client.publish("asgi-leasttime:leasttime:changes", data)
+
+
+async def test_late_replayed_and_hostile_messages_change_nothing(
+    store: StoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fleet(store) as (proxies, clients, _):
+        proxies[0].set_status("a", False)
+        await wait_until(lambda: not proxies[1].balancer["a"].up, 1.0)
+        version = proxies[1].state.versions["a"]
+        for payload in [
+            {"name": "a", "record": {"version": version, "down": False}},  # replayed
+            {"name": "a", "record": {"version": version - 1, "down": False}},  # late
+            b"not json at all",
+            b"\xff\xfe",
+            {"name": "a"},
+            {"name": 7, "record": {"version": 99, "down": False}},
+            {"name": "a", "record": {"version": "99", "down": False}},
+            {"name": "a", "record": {"version": 99, "down": "no"}},
+            {"name": "a", "record": {"version": 99, "weight": float("inf")}},
+            {"name": "a", "record": {"version": 99, "weight": -1}},
+            {"name": "a", "record": {"version": 99, "url": "ftp://x"}},
+            {"name": "a", "record": {"version": 10**9, "down": False}},  # forged, far ahead
+            {"name": "z", "record": {"version": 99, "url": "http://10.0.0.1:1", "colour": 1}},
+            {"name": "a", "record": {"version": 99, "down": False, "evil": "x" * 100_000}},
+            [1, 2, 3],
+        ]:
+            _publish(store, payload)
+        await anyio.sleep(0.3)
+        for proxy in proxies:
+            assert not proxy.balancer["a"].up
+            assert list(proxy.upstreams) == ["a", "b"]
+        assert "ignored" in caplog.text
+        proxies[1].set_status("a", True)  # the channel still works
+        await wait_until(lambda: proxies[0].balancer["a"].up, 1.0)
+        for client in clients:
+            assert (await client.get("/")).status_code == 200
+
+
+async def test_the_store_lost_and_found(
+    store: StoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with fleet(store) as (proxies, clients, _):
+        store.kill()
+        await wait_until(lambda: not any(p.state.connected for p in proxies), 5.0)  # type: ignore[attr-defined]
+        for client in clients:  # every request still answered, on the last known state
+            assert await served(client, 10) == {"a", "b"}
+        proxies[0].set_status("a", False)  # here at once; the others once the store is back
+        assert await served(clients[0], 10) == {"b"}
+        assert proxies[1].balancer["a"].up
+        outages = caplog.text.count("unreachable")
+        assert outages == 2  # once per process, not once per retry
+        store.start()
+        await wait_until(lambda: not proxies[1].balancer["a"].up, 10.0)
+        assert "reached again" in caplog.text
+        proxies[1].set_fenced("b", True)
+        await wait_until(lambda: proxies[0].balancer["b"].fenced, 1.0)
+
+
+async def test_a_store_unreachable_at_start(store: StoreServer) -> None:
+    store.kill()
+    async with running_many(UpstreamApp("a")) as urls:
+        proxy = LeastTimeProxy(upstreams=[Upstream(urls[0], name="a")], state=RedisState(store.url))
+        async with (
+            running(proxy, lifespan="on") as url,
+            httpx.AsyncClient(base_url=url, timeout=10) as client,
+        ):
+            assert (await client.get("/")).status_code == 200  # the configuration serves
+            proxy.set_fenced("a", True)
+            store.start()
+            await wait_until(lambda: proxy.state.connected, 10.0)  # type: ignore[attr-defined]
+            await wait_until(lambda: _records(store) == {"a"}, 2.0)  # written once it was back
+
+
+# -- the records themselves -----------------------------------------------------------------------
+
+
+def test_merging_changes() -> None:
+    record = merge(None, Change("a", "down", True), 1)
+    record = merge(record, Change("a", "weight", 2.5), 2)
+    assert record == {"version": 2, "down": True, "weight": 2.5}
+    assert valid_record(record)
+    assert merge(record, Change("a", "remove"), 3)["removed"] is True
+
+
+@pytest.mark.parametrize(
+    "change",
+    [Change("a", "down", "yes"), Change("a", "weight", 0), Change("a", "weight", True),
+     Change("a", "add", {"url": "ftp://x"}), Change("a", "add", None),
+     Change("a", "explode")],  # type: ignore[arg-type]
+)  # fmt: skip
+def test_changes_no_upstream_could_take_are_refused(change: Change) -> None:
+    from asgi_leasttime.options import OptionError
+
+    with pytest.raises(OptionError):
+        merge(None, change, 1)
+
+
+async def test_in_process_changes_apply_at_once() -> None:
+    proxy = LeastTimeProxy(upstreams=[Upstream("http://127.0.0.1:9", name="a")])
+    assert isinstance(proxy.state, InProcessState)
+    await proxy.state.submit(Change("a", "fenced", True))
+    assert proxy.balancer["a"].fenced
