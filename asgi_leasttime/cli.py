@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from asgi_leasttime import __version__
-from asgi_leasttime.config import Config, ConfigError, load_config, parse_config
+from asgi_leasttime._private_store import private_store
+from asgi_leasttime.config import PRIVATE_STATE_ENV, Config, ConfigError, load_config, parse_config
 
 __all__ = ["main"]
 
@@ -66,18 +68,29 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or server["host"]
     port = args.port or server["port"]
     workers = args.workers or server["workers"]
-    admin_port = config.section("admin")["port"] if "admin" in config.optional else None
-    if admin_port is not None and workers > 1:
-        print("admin: the admin endpoint needs workers = 1 (state is per worker)", file=sys.stderr)
-        return 1
     options = uvicorn_options(host, port, args.log_level, args.http)
-    if workers > 1:
+    admin = config.section("admin") if "admin" in config.optional else None
+    token = os.environ.get(admin["token_env"]) if admin is not None else None
+    if admin is not None and admin["port"] is None:
+        print("admin.port: required to serve the admin app", file=sys.stderr)
+        return 1
+    if token is not None and len(token) < 16:
+        print(f"{admin and admin['token_env']}: the admin token needs 16 characters or more",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if workers == 1:
+        if admin is None:
+            uvicorn.run("asgi_leasttime.cli:create_app", **options)
+            return 0
+        return _serve_with_admin(config, options, admin, token)
+    with contextlib.ExitStack() as stack:
+        if "state" not in config.optional:
+            # One state for every worker, out of the box: a private server for this run.
+            os.environ[PRIVATE_STATE_ENV] = stack.enter_context(private_store())
+        if admin is not None:
+            stack.enter_context(_admin_beside_workers(config, admin, token, args.log_level))
         uvicorn.run("asgi_leasttime.cli:create_app", workers=workers, **options)
-        return 0
-    if admin_port is None:
-        uvicorn.run("asgi_leasttime.cli:create_app", **options)
-        return 0
-    return _serve_with_admin(config, options, config.section("admin")["host"], admin_port)
+    return 0
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -114,7 +127,10 @@ def uvicorn_options(host: str, port: int, log_level: str, http: str) -> dict[str
     }
 
 
-def _serve_with_admin(config: Config, options: dict[str, Any], host: str, port: int) -> int:
+def _serve_with_admin(
+    config: Config, options: dict[str, Any], admin: dict[str, Any], token: str | None
+) -> int:
+    """One process: the proxy and its admin app side by side, on one event loop."""
     import asyncio
 
     import uvicorn
@@ -125,18 +141,53 @@ def _serve_with_admin(config: Config, options: dict[str, Any], host: str, port: 
     proxy = config.build_proxy()
     options = {**options, "factory": False}
     main = uvicorn.Server(uvicorn.Config(proxy, **options))
-    admin = QuietServer(
-        uvicorn.Config(AdminApp(proxy), host=host, port=port, log_level=options["log_level"])
+    app = AdminApp(proxy, token=token)
+    server = QuietServer(
+        uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=options["log_level"])
     )
 
     async def both() -> None:
-        task = asyncio.create_task(admin.serve())
+        task = asyncio.create_task(server.serve())
         await main.serve()
-        admin.should_exit = True
+        server.should_exit = True
         await task
 
     asyncio.run(both())
     return 0
+
+
+@contextlib.contextmanager
+def _admin_beside_workers(
+    config: Config, admin: dict[str, Any], token: str | None, log_level: str
+) -> Iterator[None]:
+    """Several workers: the admin app runs in the supervisor, on a proxy of its own that serves
+    no traffic and probes nothing, and reaches the workers through the shared state."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from asgi_leasttime._serving import QuietServer
+    from asgi_leasttime.metrics import AdminApp
+
+    proxy = config.build_proxy()
+    proxy.health_check = None  # the workers probe; the supervisor's copy only relays changes
+    app = AdminApp(proxy, token=token)
+    server = QuietServer(
+        uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=log_level)
+    )
+
+    async def serve() -> None:
+        async with proxy.lifespan():
+            await server.serve()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def _print_errors(source: str, error: ConfigError) -> None:

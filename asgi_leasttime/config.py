@@ -6,9 +6,10 @@ constructors it feeds (``[health_check]`` is :class:`HealthCheck`'s, ``[[upstrea
 and the values are judged by building what they describe, so the constructor's own checks
 (:class:`~asgi_leasttime.options.OptionError`) speak for the key at fault.
 
-Every mistake is reported with the key it concerns and what is wrong, all of them at once, so
-``asgi-leasttime check lb.toml`` can list them. Option names are Traefik's, in snake case, where
-Traefik has one (``pass_host_header``, ``max_age``, ``unhealthy_interval``, ...).
+The configuration file is the command line's (the ``cli`` extra, which brings the ``state``
+extra's Redis client along). Every mistake is reported with the key it concerns and what is
+wrong, all of them at once, so ``asgi-leasttime check lb.toml`` can list them. Option names are
+Traefik's, in snake case, where Traefik has one (``pass_host_header``, ``max_age``, ...).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from asgi_leasttime.client import limits, timeouts
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.options import OptionError, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
+from asgi_leasttime.redis_state import RedisState
+from asgi_leasttime.state import StateStore
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.upstream import Upstream
 
@@ -73,13 +76,28 @@ class ServerOptions:
 
 @dataclass(frozen=True)
 class AdminOptions:
-    """Where the admin app listens (``[admin]``); present, it turns the admin app on."""
+    """Where the admin app listens (``[admin]``); present, it turns the admin app on. Its write
+    API takes the token in the environment variable ``token_env`` names (off when unset)."""
 
     host: str = "127.0.0.1"
     port: int | None = None
+    token_env: str = "ASGI_LEASTTIME_ADMIN_TOKEN"
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
+
+
+PRIVATE_STATE_ENV = "ASGI_LEASTTIME_STATE_URL"
+"""Where ``serve --workers N`` tells its workers the URL of the private store it started."""
+
+
+def _state_options(
+    *, url: str | None = None, prefix: str = "asgi-leasttime", password_env: str = ""
+) -> None:
+    """Judge ``[state]``: a URL the Redis client takes."""
+    if url is None:
+        raise OptionError("url", "required: redis://, rediss:// or unix://")
+    RedisState(url, prefix=prefix)
 
 
 def _balancer_options(
@@ -186,10 +204,14 @@ TABLES: dict[str, Table] = {
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
+    "state": Table(
+        (Part(RedisState, leave_out=("password",), judge=_state_options),),
+        own={"password_env": Key((str,), "ASGI_LEASTTIME_STATE_PASSWORD")},
+    ),
 }
 """Every table of the file (``upstream`` is one entry of ``[[upstreams]]``)."""
 
-OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin"})
+OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin", "state"})
 """Tables that turn their feature on by being present."""
 
 TOP_LEVEL = {*TABLES.keys() - {"upstream"}, "upstreams"}
@@ -256,6 +278,7 @@ class Config:
         if "passive_health_check" in self.optional:
             passive = PassiveHealthCheck(**self.section("passive_health_check"))
         return LeastTimeProxy(
+            state=self.state_store(environ),
             upstreams=[Upstream(**u) for u in self.upstreams],
             name=server["name"],
             freeze_gc=server["freeze_gc"],
@@ -268,6 +291,18 @@ class Config:
             health_check=health,
             passive_health_check=passive,
         )
+
+    def state_store(self, environ: Mapping[str, str] | None = None) -> StateStore | None:
+        """The ``[state]`` store, or the private one ``serve --workers N`` started; ``None``
+        for one process on its own."""
+        environ = os.environ if environ is None else environ
+        if "state" in self.optional:
+            options = self.section("state")
+            password = environ.get(options["password_env"]) or None
+            return RedisState(options["url"], prefix=options["prefix"], password=password)
+        if environ.get(PRIVATE_STATE_ENV):
+            return RedisState(environ[PRIVATE_STATE_ENV])
+        return None
 
     def secret_keys(self, environ: Mapping[str, str] | None = None) -> list[str]:
         """The sticky keys: from the file, or from the environment variable it names."""
@@ -344,7 +379,9 @@ def parse_config(document: dict[str, Any]) -> Config:
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             errors.append(f"{key}: unknown section{suggestion}")
     sections = {
-        name: _check_table(name, document.get(name, {}), table, errors)
+        name: _check_table(name, document[name], table, errors)
+        if name in document
+        else {key: option.default for key, option in table.options().items()}
         for name, table in TABLES.items()
         if name != "upstream"
     }

@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
+from asgi_leasttime.options import OptionError
 from asgi_leasttime.state import Change, Record, StateStore, merge, valid_record
 
 __all__ = ["RedisState"]
@@ -59,11 +60,14 @@ class RedisState(StateStore):
         super().__init__()
         self.url = url
         self._prefix = prefix
-        # health_check_interval: a silent connection (the server gone without a word) is
-        # noticed by a PING within that many seconds.
-        self._client = redis.asyncio.from_url(
-            url, password=password, socket_connect_timeout=2, health_check_interval=5
-        )
+        try:
+            # health_check_interval: a silent connection (the server gone without a word) is
+            # noticed by a PING within that many seconds.
+            self._client = redis.asyncio.from_url(
+                url, password=password, socket_connect_timeout=2, health_check_interval=5
+            )
+        except ValueError as exc:
+            raise OptionError("url", str(exc)) from None
         self._pending: collections.deque[Change] = collections.deque()
         self._wake_writer = asyncio.Event()
         self._connected = False

@@ -176,3 +176,44 @@ def test_the_front_end_parsers_trade(http: str) -> None:
     else:
         assert custom.startswith(b"HTTP/1.1 400 ")
         assert chunked
+
+
+def test_several_workers_share_one_state_out_of_the_box(tmp_path: Path) -> None:
+    """serve --workers 2 with no [state]: a private store, and one admin call reaches both."""
+    token = "a-token-of-at-least-16-characters"
+    admin_port = free_port()
+    with (
+        running_in_thread(UpstreamApp("a")) as a,
+        running_in_thread(UpstreamApp("b")) as b,
+    ):
+        config = tmp_path / "lb.toml"
+        config.write_text(
+            f'[[upstreams]]\nurl = "{a}"\nname = "a"\n[[upstreams]]\nurl = "{b}"\nname = "b"\n'
+            f"[admin]\nport = {admin_port}\n"
+        )
+        port = free_port()
+        command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
+        environ = dict(os.environ, ASGI_LEASTTIME_ADMIN_TOKEN=token)
+        process = subprocess.Popen([*command, "--workers", "2", "--port", str(port)], env=environ)
+        try:
+            wait_for_port(port, process)
+            wait_for_port(admin_port, process)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+                assert {client.get("/").headers["x-upstream"] for _ in range(40)} == {"a", "b"}
+                answer = httpx.post(
+                    f"http://127.0.0.1:{admin_port}/upstreams/a",
+                    json={"down": True},
+                    headers={"authorization": f"Bearer {token}"},
+                )
+                assert answer.status_code == 200, answer.text
+                time.sleep(1.0)
+                served = Counter(
+                    (client.get("/", headers={"connection": "close"})).headers["x-upstream"]
+                    for _ in range(100)
+                )  # new connections, so both workers answer
+            assert served == {"b": 100}
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert process.wait(20) == 0
+    leftover = subprocess.run(["pgrep", "-f", "asgi-leasttime-.*state.sock"], capture_output=True)
+    assert leftover.stdout == b""  # the private store went with the supervisor

@@ -19,6 +19,7 @@ from asgi_leasttime.config import (
     parse_config,
 )
 from asgi_leasttime.options import OptionError
+from asgi_leasttime.redis_state import RedisState
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lb.toml"
 
@@ -214,6 +215,10 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("limits", "keepalive_expiry"): 1.5,
     ("admin", "host"): "0.0.0.0",
     ("admin", "port"): 9100,
+    ("admin", "token_env"): "MY_ADMIN_TOKEN",
+    ("state", "url"): "redis://127.0.0.1:6390/1",
+    ("state", "prefix"): "shop-lb",
+    ("state", "password_env"): "MY_STORE_PASSWORD",
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -239,6 +244,7 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("limits", "max_connections"): 0,
     ("limits", "keepalive_expiry"): -1,
     ("admin", "port"): 70000,
+    ("state", "url"): "http://127.0.0.1:6379",
 }
 
 
@@ -258,6 +264,8 @@ def direct(table: str, key: str, value: Any) -> Any:
         return Upstream(**{"url": URL, **options})
     if table == "sticky":
         return StickyCookie(**{"secret_key": "k", **options})
+    if table == "state":
+        return RedisState(**{"url": "redis://127.0.0.1:6379", **options})
     constructors: dict[str, Any] = {
         "health_check": HealthCheck,
         "passive_health_check": PassiveHealthCheck,
@@ -276,6 +284,8 @@ def from_file(table: str, key: str, value: Any) -> Any:
         document[table] = {key: value}
     if table == "sticky" and key != "secret_key":
         document[table]["secret_key"] = "k"
+    if table == "state" and key != "url":
+        document[table]["url"] = "redis://127.0.0.1:6379"
     config = parse_config(document)
     proxy = config.build_proxy({})
     if table == "server":
@@ -293,6 +303,7 @@ def from_file(table: str, key: str, value: Any) -> Any:
         "timeouts": lambda: proxy._timeout,
         "limits": lambda: proxy._limits,
         "admin": lambda: AdminOptions(**config.section(table)),
+        "state": lambda: proxy.state,
     }
     return views[table]()
 
@@ -303,19 +314,31 @@ def test_every_option_has_a_sample() -> None:
     assert set(REFUSED) <= options
 
 
-@pytest.mark.parametrize(
-    ("table", "key"), [k for k in SAMPLES if k != ("sticky", "secret_key_env")]
-)
+FILE_ONLY = {("sticky", "secret_key_env"), ("state", "password_env")}  # tested on their own
+PRIVATE_NAMES = {"secret_key": "_signer", "prefix": "_prefix"}  # where the value is kept
+
+
+@pytest.mark.parametrize(("table", "key"), [k for k in SAMPLES if k not in FILE_ONLY])
 def test_an_option_means_in_the_file_what_it_means_to_its_constructor(table: str, key: str) -> None:
     value = SAMPLES[table, key]
     made, read = direct(table, key, value), from_file(table, key, value)
-    attribute = "_signer" if key == "secret_key" else key
+    attribute = PRIVATE_NAMES.get(key, key)
     if key == "secret_key":
         assert read._signer.secret_keys == made._signer.secret_keys
     else:
         assert getattr(read, attribute) == getattr(made, attribute)
     default = TABLES[table].options()[key].default
     assert getattr(read, attribute) != default or key == "secret_key"
+
+
+def test_the_store_password_comes_from_the_variable_the_file_names() -> None:
+    document = {
+        "upstreams": [{"url": URL}],
+        "state": {"url": "redis://127.0.0.1:6379", "password_env": "MY_STORE_PASSWORD"},
+    }
+    proxy = parse_config(document).build_proxy({"MY_STORE_PASSWORD": "s3cret"})
+    assert isinstance(proxy.state, RedisState)
+    assert proxy.state._client.connection_pool.connection_kwargs["password"] == "s3cret"
 
 
 def test_the_sticky_keys_come_from_the_variable_the_file_names() -> None:
