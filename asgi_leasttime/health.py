@@ -22,6 +22,7 @@ from asgi_leasttime.options import OptionError, check_port, check_positive
 if TYPE_CHECKING:
     from asgi_leasttime.balancer import Balancer, Server, Source
     from asgi_leasttime.lease import Lease
+    from asgi_leasttime.state import StateStore
     from asgi_leasttime.upstream import Upstream
 
 __all__ = ["HealthCheck", "PassiveHealthCheck"]
@@ -128,23 +129,29 @@ def report_status(balancer: Balancer, name: str, up: bool, source: Source, reaso
 
 async def watch_upstream(
     check: HealthCheck,
-    balancer: Balancer,
+    state: StateStore,
     upstream: Upstream,
     client: Callable[[], httpx.AsyncClient],
 ) -> None:
-    """Probe one upstream on its own schedule until cancelled (when it leaves the proxy)."""
+    """Probe one upstream on its own schedule until cancelled (when it leaves the proxy).
+
+    Where processes share a state, one of them probes each upstream for all and shares the
+    result (``state.may_probe``); the others wait and follow."""
     assert upstream.url is not None
     url = check.url_for(upstream.url)
     unhealthy_interval = check.unhealthy_interval or check.interval
+    longest = max(check.interval, unhealthy_interval)
     while True:
-        try:
-            healthy = await probe(check, client(), url)
-        except Exception:
-            # A fault of ours or of the client library: this upstream counts as unhealthy and
-            # the task goes on, since ending it would end every other upstream's checks too.
-            logger.exception("health probe of %s failed unexpectedly", url)
-            healthy = False
-        report_status(balancer, upstream.name, healthy, "active", f"active check of {url}")
+        healthy = True
+        if await state.may_probe(upstream.name, longest):
+            try:
+                healthy = await probe(check, client(), url)
+            except Exception:
+                # A fault of ours or of the client library: this upstream counts as unhealthy
+                # and the task goes on, since ending it would end every upstream's checks.
+                logger.exception("health probe of %s failed unexpectedly", url)
+                healthy = False
+            state.report_probe(upstream.name, healthy, f"active check of {url}")
         await anyio.sleep(check.interval if healthy else unhealthy_interval)
 
 

@@ -23,7 +23,7 @@ from asgi_leasttime._forwarding import (
 from asgi_leasttime._headers import BadRequest, RequestHeaders
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
-from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, watch_upstream
+from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, report_status, watch_upstream
 from asgi_leasttime.lease import Lease
 from asgi_leasttime.state import Change, InProcessState, Record, StateStore
 from asgi_leasttime.status import UpstreamStatus
@@ -241,6 +241,8 @@ class LeastTimeProxy:
         name, operation, value = change.name, change.operation, change.value
         if operation == "down":
             self.balancer.set_status(name, not value, "manual")
+        elif operation == "active_down":
+            self.balancer.set_status(name, not value, "active")
         elif operation == "fenced":
             self.balancer.set_fenced(name, value)
         elif operation == "weight":
@@ -269,6 +271,9 @@ class LeastTimeProxy:
             self.balancer.set_fenced(name, record["fenced"])
         if "down" in record:
             self.balancer.set_status(name, not record["down"], "manual")
+        if "active_down" in record:
+            up = not record["active_down"]
+            report_status(self.balancer, name, up, "active", "the active check of another process")
 
     def upstream_status(self) -> list[UpstreamStatus]:
         """Every upstream with its status and statistics, in the order they were added."""
@@ -332,7 +337,7 @@ class LeastTimeProxy:
 
         async def watch() -> None:
             with watcher:
-                await watch_upstream(check, self.balancer, upstream, lambda: self.client)
+                await watch_upstream(check, self.state, upstream, lambda: self.client)
 
         task_group.start_soon(watch)
 

@@ -23,7 +23,10 @@ import collections
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,6 +71,9 @@ class RedisState(StateStore):
             )
         except ValueError as exc:
             raise OptionError("url", str(exc)) from None
+        # Who this process is to the others: the holder of a probe lease.
+        self._id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}".encode()
+        self._probing: set[str] = set()  # the upstreams whose probe lease this process holds
         self._pending: collections.deque[Change] = collections.deque()
         self._wake_writer = asyncio.Event()
         self._connected = False
@@ -97,6 +103,7 @@ class RedisState(StateStore):
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self._give_up_probes()
             await self._client.aclose()
 
     def share(self, change: Change) -> None:
@@ -120,6 +127,38 @@ class RedisState(StateStore):
         assert self.proxy is not None
         self.proxy._apply_change(change)
         self.share(change)
+
+    # -- one prober per upstream ------------------------------------------------------------------
+
+    async def may_probe(self, name: str, interval: float) -> bool:
+        """Whether this process probes ``name`` now: the one that holds its probe lease does.
+        The lease lasts two intervals and is renewed at each probe, so when its holder dies
+        another process takes over within two intervals. Cut off from the server, a process
+        probes for itself."""
+        if not self._connected:
+            return True
+        key, lasts = self._key(f"prober:{name}"), max(int(2 * interval * 1000), 100)
+        try:
+            if await self._client.set(key, self._id, nx=True, px=lasts):
+                self._probing.add(name)
+                return True
+            if await self._client.get(key) == self._id:
+                await self._client.pexpire(key, lasts)
+                return True
+        except _REDIS_ERRORS as exc:
+            self._lost(exc)
+            return True
+        self._probing.discard(name)
+        return False
+
+    async def _give_up_probes(self) -> None:
+        """Hand the probe leases over at once rather than let them run out."""
+        for name in self._probing if self._connected else ():
+            key = self._key(f"prober:{name}")
+            with contextlib.suppress(*_REDIS_ERRORS):
+                if await self._client.get(key) == self._id:
+                    await self._client.delete(key)
+        self._probing.clear()
 
     # -- writing ----------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from asgi_leasttime.health import report_status
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.upstream import Upstream
 
@@ -31,17 +32,19 @@ __all__ = ["Change", "InProcessState", "Record", "StateStore", "merge", "valid_r
 
 logger = logging.getLogger("asgi_leasttime")
 
-Operation = Literal["down", "fenced", "weight", "add", "remove"]
+Operation = Literal["down", "active_down", "fenced", "weight", "add", "remove"]
 
 Record = dict[str, Any]
 """One upstream's changes so far: ``version`` (int), and any of ``url`` (str), ``weight``
-(number), ``fenced`` (bool), ``down`` (bool: the manual flag), ``removed`` (bool)."""
+(number), ``fenced`` (bool), ``down`` (bool: the manual flag), ``active_down`` (bool: the
+active check's flag, from the process that probes it), ``removed`` (bool)."""
 
 _FIELDS: dict[str, tuple[type, ...]] = {
     "url": (str,),
     "weight": (int, float),
     "fenced": (bool,),
     "down": (bool,),
+    "active_down": (bool,),
     "removed": (bool,),
 }
 
@@ -65,7 +68,7 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     merged: Record = dict(record or {})
     merged["version"] = version
     operation, value = change.operation, change.value
-    if operation in ("down", "fenced"):
+    if operation in ("down", "active_down", "fenced"):
         if not isinstance(value, bool):
             raise OptionError(operation, "must be true or false")
         merged[operation] = value
@@ -131,6 +134,21 @@ class StateStore:
 
     def share(self, change: Change) -> None:
         """Tell the other processes of a change already applied here."""
+
+    async def may_probe(self, name: str, interval: float) -> bool:
+        """Whether this process probes ``name`` now (checked every ``interval`` seconds at
+        most): always, unless processes share the state and another one does."""
+        return True
+
+    def report_probe(self, name: str, healthy: bool, reason: str) -> None:
+        """A probe's result: the active check's flag set or cleared here, and shared."""
+        if self.proxy is None:
+            return
+        server = self.proxy.balancer.get(name)
+        was = server is not None and "active" in server.down_flags
+        report_status(self.proxy.balancer, name, healthy, "active", reason)
+        if server is not None and was == healthy:  # the flag changed
+            self.share(Change(name, "active_down", not healthy))
 
     async def submit(self, change: Change) -> None:
         """Make ``change`` everywhere, this process included before this returns; raises

@@ -24,6 +24,14 @@ def ours() -> Any:
     return LeastTimeProxy(upstreams=upstreams())
 
 
+def ours_with_state() -> Any:
+    """asgi-leasttime with its state on the Redis or Valkey server at ``BENCH_STATE_URL``."""
+    from asgi_leasttime import LeastTimeProxy
+    from asgi_leasttime.redis_state import RedisState
+
+    return LeastTimeProxy(upstreams=upstreams(), state=RedisState(os.environ["BENCH_STATE_URL"]))
+
+
 def ours_on_httpx() -> Any:
     """asgi-leasttime forwarding through an httpx.AsyncClient (the caller's-client path)."""
     from asgi_leasttime import LeastTimeProxy

@@ -215,3 +215,41 @@ async def test_in_process_changes_apply_at_once() -> None:
     assert isinstance(proxy.state, InProcessState)
     await proxy.state.submit(Change("a", "fenced", True))
     assert proxy.balancer["a"].fenced
+
+
+# -- one prober per upstream for the whole fleet --------------------------------------------------
+
+
+async def test_one_process_probes_for_all_and_another_takes_over(store: StoreServer) -> None:
+    from asgi_leasttime import HealthCheck
+
+    upstream = UpstreamApp("a")
+    async with running(upstream) as url:
+
+        def proxy() -> LeastTimeProxy:
+            return LeastTimeProxy(
+                upstreams=[Upstream(url, name="a")],
+                state=RedisState(store.url),
+                health_check=HealthCheck(interval=0.05, timeout=1),
+            )
+
+        first, second = proxy(), proxy()
+        async with contextlib.AsyncExitStack() as both:
+            await both.enter_async_context(running(second, lifespan="on"))
+            async with running(first, lifespan="on"):
+                await wait_until(lambda: first.state.connected and second.state.connected)  # type: ignore[attr-defined]
+                await anyio.sleep(0.2)
+                before = len(upstream.probes)
+                await anyio.sleep(1.0)
+                probes = len(upstream.probes) - before
+                assert 10 <= probes <= 30, probes  # one prober, 20 probes a second; two: 40
+                upstream.health_status = 500  # the prober sees it, and so does the other
+                await wait_until(
+                    lambda: not first.balancer["a"].up and not second.balancer["a"].up, 2.0
+                )
+                assert list(second.balancer["a"].down_flags) == ["active"]
+                upstream.health_status = 200
+                await wait_until(lambda: first.balancer["a"].up and second.balancer["a"].up, 2.0)
+            stopped = len(upstream.probes)  # one proxy gone: whichever probed, probes go on
+            await anyio.sleep(0.5)
+            assert len(upstream.probes) - stopped >= 5
