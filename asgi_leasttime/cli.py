@@ -152,7 +152,10 @@ def _serve_with_admin(
         server.should_exit = True
         await task
 
-    asyncio.run(both())
+    # uvicorn raises the signal that stopped it again once it has shut down; uvicorn.run()
+    # swallows the KeyboardInterrupt that makes, and so does this.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(both())
     return 0
 
 

@@ -9,7 +9,7 @@ reconnect, so a change made while it was cut off still arrives. Nothing here is 
 
 The server may be unreachable at start or vanish at any time: the proxy keeps serving on what it
 knows (the configuration at start), logs the outage once, retries with a growing pause (0.1 s to
-5 s), keeps the changes made meanwhile and writes them, in order, once the server is back. A
+2 s), keeps the changes made meanwhile and writes them, in order, once the server is back. A
 message on the channel that is not a well-formed record is logged and ignored. Only the proxy's
 own methods and the admin API write to the store: nothing a proxied client sends reaches it.
 
@@ -40,7 +40,7 @@ __all__ = ["RedisState"]
 
 logger = logging.getLogger("asgi_leasttime")
 
-BACKOFF_FIRST, BACKOFF_MOST = 0.1, 5.0
+BACKOFF_FIRST, BACKOFF_MOST = 0.1, 2.0
 
 # What a lost or refusing server raises through redis-py.
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -77,6 +77,7 @@ class RedisState(StateStore):
         self._pending: collections.deque[Change] = collections.deque()
         self._wake_writer = asyncio.Event()
         self._connected = False
+        self._epoch: bytes | str | None = None  # which life of the server the versions are of
         self._outage_logged = False
         self._ignored_at = 0.0
 
@@ -226,6 +227,17 @@ class RedisState(StateStore):
             pause = min(pause * 2, BACKOFF_MOST)
 
     async def _load_all(self) -> None:
+        # A server that lost its data (restarted without persistence) counts versions from 1
+        # again: its epoch, made by the first process to find none, tells this process to
+        # forget the versions of the server it knew, or it would ignore every new change.
+        epoch_key = self._key("epoch")
+        await self._client.set(epoch_key, uuid.uuid4().hex, nx=True)
+        epoch = await self._client.get(epoch_key)
+        if epoch != self._epoch:
+            if self._epoch is not None:
+                logger.warning("state store %s was reset: following its new state", self.url)
+            self._epoch = epoch
+            self.versions.clear()
         for name, raw in (await self._client.hgetall(self._key("records"))).items():
             self._take(name, raw)
 

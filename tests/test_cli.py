@@ -217,3 +217,71 @@ def test_several_workers_share_one_state_out_of_the_box(tmp_path: Path) -> None:
             assert process.wait(20) == 0
     leftover = subprocess.run(["pgrep", "-f", "asgi-leasttime-.*state.sock"], capture_output=True)
     assert leftover.stdout == b""  # the private store went with the supervisor
+
+
+def test_two_serve_commands_share_a_store(tmp_path: Path) -> None:
+    """Two serve processes on one real Valkey, one of them with two workers: an admin call on
+    either reaches every worker of both; with the store killed every request is still
+    answered, and once it is back a change propagates again."""
+    from tests.stores import store_server
+
+    token = "a-token-of-at-least-16-characters"
+    with (
+        store_server() as store,
+        running_in_thread(UpstreamApp("a")) as a,
+        running_in_thread(UpstreamApp("b")) as b,
+        running_in_thread(UpstreamApp("c")) as c,
+    ):
+        ports, admins, processes = [free_port(), free_port()], [free_port(), free_port()], []
+        environ = dict(os.environ, ASGI_LEASTTIME_ADMIN_TOKEN=token)
+        for index, workers in enumerate((1, 2)):
+            config = tmp_path / f"lb{index}.toml"
+            config.write_text(
+                "".join(f'[[upstreams]]\nurl = "{u}"\nname = "{n}"\n'
+                        for u, n in ((a, "a"), (b, "b"), (c, "c")))
+                + f'[admin]\nport = {admins[index]}\n[state]\nurl = "{store.url}"\n'
+            )  # fmt: skip
+            command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
+            command += ["--workers", str(workers), "--port", str(ports[index])]
+            processes.append(subprocess.Popen(command, env=environ))
+
+        def served() -> Counter[str]:
+            counts: Counter[str] = Counter()
+            for port in ports:
+                for _ in range(50):
+                    answer = httpx.get(f"http://127.0.0.1:{port}/", headers={"connection": "close"})
+                    counts[answer.headers.get("x-upstream", str(answer.status_code))] += 1
+            return counts
+
+        def admin(index: int, name: str, change: dict[str, object]) -> None:
+            answer = httpx.post(
+                f"http://127.0.0.1:{admins[index]}/upstreams/{name}",
+                json=change,
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert answer.status_code == 200, answer.text
+
+        try:
+            for port, process in zip(ports + admins, processes * 2, strict=True):
+                wait_for_port(port, process)
+            time.sleep(0.5)  # every worker subscribed
+            admin(0, "a", {"down": True})
+            time.sleep(1.0)
+            assert "a" not in served()
+            admin(1, "b", {"fenced": True})
+            time.sleep(1.0)
+            assert set(served()) == {"c"}
+            store.kill()
+            assert set(served()) == {"c"}  # every request answered, on the last known state
+            store.start()
+            time.sleep(0.5)
+            admin(1, "a", {"down": False})  # written once the store is reached again
+            deadline = time.monotonic() + 10  # reconnects are tried at least every 2 s
+            while set(served()) != {"a", "c"} and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert set(served()) == {"a", "c"}
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGINT)
+            for process in processes:
+                assert process.wait(20) == 0

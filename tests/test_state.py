@@ -253,3 +253,19 @@ async def test_one_process_probes_for_all_and_another_takes_over(store: StoreSer
             stopped = len(upstream.probes)  # one proxy gone: whichever probed, probes go on
             await anyio.sleep(0.5)
             assert len(upstream.probes) - stopped >= 5
+
+
+async def test_a_store_that_restarts_empty_is_followed_again(
+    store: StoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its versions start from 1 again: the processes must not ignore them as old."""
+    async with fleet(store) as (proxies, _, _urls):
+        proxies[0].set_weight("a", 2)
+        proxies[0].set_weight("a", 3)
+        await wait_until(lambda: proxies[1].balancer["a"].weight == 3, 1.0)
+        store.kill()
+        store.start()
+        await wait_until(lambda: "was reset" in caplog.text, 10.0)
+        await wait_until(lambda: all(p.state.connected for p in proxies), 10.0)  # type: ignore[attr-defined]
+        proxies[0].set_weight("a", 5)  # version 1 of the new server
+        await wait_until(lambda: proxies[1].balancer["a"].weight == 5, 2.0)
