@@ -14,6 +14,7 @@ from typing import Any
 from asgi_leasttime import __version__
 from asgi_leasttime._private_store import private_store
 from asgi_leasttime.config import PRIVATE_STATE_ENV, Config, ConfigError, load_config, parse_config
+from asgi_leasttime.redis_state import RedisState
 
 __all__ = ["main"]
 
@@ -175,6 +176,8 @@ def _admin_beside_workers(
 
     proxy = config.build_proxy()
     proxy.health_check = None  # the workers probe; the supervisor's copy only relays changes
+    if isinstance(proxy.state, RedisState):
+        proxy.state.report_every = None  # and it serves no traffic to report
     app = AdminApp(proxy, token=token)
     server = QuietServer(
         uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=log_level)

@@ -91,13 +91,11 @@ PRIVATE_STATE_ENV = "ASGI_LEASTTIME_STATE_URL"
 """Where ``serve --workers N`` tells its workers the URL of the private store it started."""
 
 
-def _state_options(
-    *, url: str | None = None, prefix: str = "asgi-leasttime", password_env: str = ""
-) -> None:
-    """Judge ``[state]``: a URL the Redis client takes."""
+def _state_options(*, url: str | None = None, password_env: str = "", **options: Any) -> None:
+    """Judge ``[state]``: a URL the Redis client takes, and RedisState's other options."""
     if url is None:
         raise OptionError("url", "required: redis://, rediss:// or unix://")
-    RedisState(url, prefix=prefix)
+    RedisState(url, **options)
 
 
 def _balancer_options(
@@ -297,9 +295,9 @@ class Config:
         for one process on its own."""
         environ = os.environ if environ is None else environ
         if "state" in self.optional:
-            options = self.section("state")
-            password = environ.get(options["password_env"]) or None
-            return RedisState(options["url"], prefix=options["prefix"], password=password)
+            options = dict(self.section("state"))
+            password = environ.get(options.pop("password_env")) or None
+            return RedisState(options.pop("url"), password=password, **options)
         if environ.get(PRIVATE_STATE_ENV):
             return RedisState(environ[PRIVATE_STATE_ENV])
         return None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_leasttime.admin import WRITES, write
 from asgi_leasttime.options import OptionError
+from asgi_leasttime.state import Fleet, fleet_totals
 from asgi_leasttime.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -54,7 +55,8 @@ class RequestMetrics:
             ("service",),
             registry=self.registry,
         )
-        self.registry.register(_UpstreamCollector(proxy))
+        self.upstreams = _UpstreamCollector(proxy)
+        self.registry.register(self.upstreams)
         self.service = proxy.name
 
     def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
@@ -73,6 +75,7 @@ class _UpstreamCollector:
 
     def __init__(self, proxy: LeastTimeProxy) -> None:
         self.proxy = proxy
+        self.fleet: Fleet | None = None  # every process's figures, gathered for this scrape
 
     def describe(self) -> list[Any]:
         return []
@@ -124,6 +127,32 @@ class _UpstreamCollector:
             requests.add_metric(key, status.requests)
             failures.add_metric(key, status.failures)
         yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures)
+        if self.fleet is not None:
+            yield from self._fleet_families(self.fleet)
+
+    def _fleet_families(self, fleet: Fleet) -> Iterator[Any]:
+        """Every process sharing the state, added up: one scrape of any of them sees all."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        service, labels = self.proxy.name, ("service", "server")
+        processes = GaugeMetricFamily(
+            f"{PREFIX}_fleet_processes", "Processes reporting through the shared state.",
+            labels=("service",),
+        )  # fmt: skip
+        processes.add_metric((service,), len(fleet))
+        families = {
+            key: GaugeMetricFamily(f"{PREFIX}_fleet_server_{key}", text, labels=labels)
+            for key, text in (
+                ("inflight", "Requests in flight on the upstream, all processes."),
+                ("requests", "Requests sent to the upstream, all processes."),
+                ("failures", "Failures recorded for the upstream, all processes."),
+            )
+        }
+        for name, total in fleet_totals(fleet).items():
+            for key, family in families.items():
+                family.add_metric((service, name), total[key])
+        yield processes
+        yield from families.values()
 
 
 class AdminApp:
@@ -164,31 +193,40 @@ class AdminApp:
             await send({"type": "http.response.body", "body": body})
             return
         if path == "/metrics":
-            status, content_type, body = self.render_metrics()
+            status, content_type, body = self.render_metrics(await self.proxy.state.fleet())
         elif path == "/status":
-            status, content_type, body = 200, b"application/json", self.render_status()
+            body = self.render_status(await self.proxy.state.fleet())
+            status, content_type = 200, b"application/json"
         else:
             status, content_type, body = 404, b"text/plain; charset=utf-8", b"not found"
         headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def render_metrics(self) -> tuple[int, bytes, bytes]:
-        """Status, content type and body of ``/metrics``."""
+    def render_metrics(self, fleet: Fleet | None = None) -> tuple[int, bytes, bytes]:
+        """Status, content type and body of ``/metrics``; with ``fleet``, the figures of every
+        process sharing the state too."""
         if self.metrics is None:
             text = b"metrics need prometheus-client: pip install 'asgi-leasttime[metrics]'\n"
             return 501, b"text/plain; charset=utf-8", text
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+        self.metrics.upstreams.fleet = fleet
         return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.metrics.registry)
 
-    def render_status(self) -> bytes:
-        """The body of ``/status``: the proxy and every upstream, as JSON."""
+    def render_status(self, fleet: Fleet | None = None) -> bytes:
+        """The body of ``/status``: the proxy and every upstream, as JSON; with ``fleet``, the
+        number of processes sharing the state and, per upstream, their figures added up."""
         upstreams = [status.as_json() for status in self.proxy.upstream_status()]
-        document = {
+        document: dict[str, Any] = {
             "service": self.proxy.name,
             "mode": self.proxy.balancer.mode,
             "up": self.proxy.balancer.up,
             "upstreams": upstreams,
         }
+        if fleet is not None:
+            totals = fleet_totals(fleet)
+            document["processes"] = len(fleet)
+            for upstream in upstreams:
+                upstream["fleet"] = totals.get(upstream["name"], {})
         return json.dumps(document).encode()

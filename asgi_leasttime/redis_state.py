@@ -33,14 +33,17 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
-from asgi_leasttime.options import OptionError
-from asgi_leasttime.state import Change, Record, StateStore, merge, valid_record
+from asgi_leasttime.options import OptionError, check_positive
+from asgi_leasttime.state import Change, Fleet, Record, StateStore, merge, valid_record
 
 __all__ = ["RedisState"]
 
 logger = logging.getLogger("asgi_leasttime")
 
 BACKOFF_FIRST, BACKOFF_MOST = 0.1, 2.0
+
+FIGURES = ("inflight", "requests", "failures", "average_ttfb")
+"""What each process reports per upstream (see :meth:`RedisState.fleet`)."""
 
 # What a lost or refusing server raises through redis-py.
 _REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
@@ -58,11 +61,18 @@ class RedisState(StateStore):
     """
 
     def __init__(
-        self, url: str, *, prefix: str = "asgi-leasttime", password: str | None = None
+        self,
+        url: str,
+        *,
+        prefix: str = "asgi-leasttime",
+        password: str | None = None,
+        report_every: float = 1.0,
     ) -> None:
         super().__init__()
+        check_positive("report_every", report_every)
         self.url = url
         self._prefix = prefix
+        self.report_every: float | None = report_every
         try:
             # health_check_interval: a silent connection (the server gone without a word) is
             # noticed by a PING within that many seconds.
@@ -96,6 +106,8 @@ class RedisState(StateStore):
     async def running(self) -> AsyncIterator[None]:
         """Follow the server's changes and write this process's for the proxy's lifespan."""
         tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._write_pending())]
+        if self.report_every is not None:
+            tasks.append(asyncio.create_task(self._report()))
         try:
             yield
         finally:
@@ -128,6 +140,58 @@ class RedisState(StateStore):
         assert self.proxy is not None
         self.proxy._apply_change(change)
         self.share(change)
+
+    # -- what each process carries ----------------------------------------------------------------
+
+    async def _report(self) -> None:
+        """Every ``report_every`` seconds, this process's figures per upstream, under a key of its
+        own that expires when reports stop: one write per process per period, so the store's
+        work grows with the number of processes and no process reads the others' on its own."""
+        assert self.report_every is not None
+        key = self._key(f"load:{self._id.decode()}")
+        expiry = max(int(3 * self.report_every * 1000), 1000)
+        while True:
+            await asyncio.sleep(self.report_every)
+            if not self._connected or self.proxy is None:
+                continue
+            figures = {
+                status.name: json.dumps({name: getattr(status, name) for name in FIGURES})
+                for status in self.proxy.upstream_status()
+            }
+            if not figures:
+                continue
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.delete(key)
+                    pipe.hset(key, mapping=figures)  # type: ignore[arg-type]
+                    pipe.pexpire(key, expiry)
+                    await pipe.execute()
+            except _REDIS_ERRORS as exc:
+                self._lost(exc)
+
+    async def fleet(self) -> Fleet | None:
+        """The last figures of every process that reports: process -> upstream -> figures
+        (:data:`FIGURES`); malformed ones left out; ``None`` while the server is away."""
+        try:
+            return await self._gather()
+        except _REDIS_ERRORS as exc:
+            self._lost(exc)
+            return None
+
+    async def _gather(self) -> Fleet:
+        found: Fleet = {}
+        prefix = self._key("load:")
+        async for key in self._client.scan_iter(match=prefix + "*", count=1000):
+            process = _text(key)[len(prefix) :]
+            upstreams = {}
+            for name, raw in (await self._client.hgetall(key)).items():
+                try:
+                    figures = json.loads(raw)
+                    upstreams[_text(name)] = {k: float(figures[k]) for k in FIGURES}
+                except (ValueError, KeyError, TypeError):
+                    continue
+            found[process] = upstreams
+        return found
 
     # -- one prober per upstream ------------------------------------------------------------------
 
@@ -292,3 +356,7 @@ class RedisState(StateStore):
                 self.url,
                 exc,
             )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

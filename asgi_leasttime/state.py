@@ -28,7 +28,16 @@ from asgi_leasttime.upstream import Upstream
 if TYPE_CHECKING:
     from asgi_leasttime.proxy import LeastTimeProxy
 
-__all__ = ["Change", "InProcessState", "Record", "StateStore", "merge", "valid_record"]
+__all__ = [
+    "Change",
+    "Fleet",
+    "InProcessState",
+    "Record",
+    "StateStore",
+    "fleet_totals",
+    "merge",
+    "valid_record",
+]
 
 logger = logging.getLogger("asgi_leasttime")
 
@@ -47,6 +56,21 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "active_down": (bool,),
     "removed": (bool,),
 }
+
+
+Fleet = dict[str, dict[str, dict[str, float]]]
+"""Process -> upstream -> figures (``inflight``, ``requests``, ``failures``, ``average_ttfb``)."""
+
+
+def fleet_totals(fleet: Fleet) -> dict[str, dict[str, float]]:
+    """Per upstream, the in-flight requests, requests and failures of every process added up."""
+    totals: dict[str, dict[str, float]] = {}
+    for upstreams in fleet.values():
+        for name, figures in upstreams.items():
+            total = totals.setdefault(name, {"inflight": 0, "requests": 0, "failures": 0})
+            for key in total:
+                total[key] += figures[key]
+    return totals
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,11 @@ class StateStore:
 
     def share(self, change: Change) -> None:
         """Tell the other processes of a change already applied here."""
+
+    async def fleet(self) -> Fleet | None:
+        """Every process's last reported figures, where processes share the state; ``None``
+        where there is nothing to gather (one process on its own, or the store away)."""
+        return None
 
     async def may_probe(self, name: str, interval: float) -> bool:
         """Whether this process probes ``name`` now (checked every ``interval`` seconds at

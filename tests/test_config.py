@@ -219,6 +219,7 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("state", "url"): "redis://127.0.0.1:6390/1",
     ("state", "prefix"): "shop-lb",
     ("state", "password_env"): "MY_STORE_PASSWORD",
+    ("state", "report_every"): 0.25,
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -245,6 +246,7 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("limits", "keepalive_expiry"): -1,
     ("admin", "port"): 70000,
     ("state", "url"): "http://127.0.0.1:6379",
+    ("state", "report_every"): 0,
 }
 
 

@@ -40,7 +40,7 @@ async def fleet(
         proxies = [
             LeastTimeProxy(
                 upstreams=[Upstream(urls[0], name="a"), Upstream(urls[1], name="b")],
-                state=RedisState(store.url),
+                state=RedisState(store.url, report_every=0.05),
             )
             for _ in range(count)
         ]
@@ -269,3 +269,31 @@ async def test_a_store_that_restarts_empty_is_followed_again(
         await wait_until(lambda: all(p.state.connected for p in proxies), 10.0)  # type: ignore[attr-defined]
         proxies[0].set_weight("a", 5)  # version 1 of the new server
         await wait_until(lambda: proxies[1].balancer["a"].weight == 5, 2.0)
+
+
+async def test_one_status_and_one_scrape_see_every_process(store: StoreServer) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with fleet(store) as (proxies, clients, _):
+        for client, count in zip(clients, (6, 4), strict=True):
+            for _ in range(count):
+                assert (await client.get("/")).status_code == 200
+        await anyio.sleep(0.3)  # a few report periods
+        transport = httpx.ASGITransport(app=AdminApp(proxies[1]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as admin:
+            status = (await admin.get("/status")).json()
+            metrics = (await admin.get("/metrics")).text
+    assert status["processes"] == 2
+    assert sum(u["fleet"]["requests"] for u in status["upstreams"]) == 10
+    assert sum(u["requests"] for u in status["upstreams"]) == 4  # this process's own
+    found = {
+        (sample.name, sample.labels.get("server")): sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    }
+    assert found["asgi_leasttime_fleet_processes", None] == 2
+    assert (
+        found["asgi_leasttime_fleet_server_requests", "a"]
+        + found["asgi_leasttime_fleet_server_requests", "b"]
+        == 10
+    )
