@@ -61,7 +61,8 @@ async def scrape(client: redis.asyncio.Redis, until: float) -> None:
 
 
 async def measure(url: str, processes: int, seconds: float, every: float) -> str:
-    client = redis.asyncio.from_url(url, max_connections=64)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=64, timeout=30)
+    client = redis.asyncio.Redis(connection_pool=pool)
     info = await client.info()
     commands, cpu = info["total_commands_processed"], info["used_cpu_sys"] + info["used_cpu_user"]
     until = time.monotonic() + seconds
