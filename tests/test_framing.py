@@ -354,3 +354,16 @@ async def test_a_request_without_a_body_gains_no_length(upstream_client: str, me
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     head = request_head(upstream)
     assert not [line for line in head if line.startswith((b"content-length", b"transfer-encoding"))]
+
+
+async def test_characters_outside_rfc_3986_in_the_path(upstream_client: str) -> None:
+    """The lean client sends them as they came; httpx percent-encodes them (documented)."""
+    upstream = answering(HELLO)
+    async with behind(upstream, upstream_client) as (_, client):
+        answer = await raw_exchange(
+            client, b'GET /a{b}"c HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n'
+        )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    [(_, request)] = upstream.requests
+    sent = b'/a{b}"c' if upstream_client == "lean" else b"/a%7Bb%7D%22c"
+    assert request.startswith(b"GET " + sent + b" HTTP/1.1\r\n")
