@@ -173,9 +173,14 @@ class StateStore:
         """A probe's result: the active check's flag set or cleared here, and shared."""
         if self.proxy is None:
             return
-        server = self.proxy.balancer.get(name)
+        balancer, passive = self.proxy.balancer, self.proxy.passive_health_check
+        server = balancer.get(name)
         was = server is not None and "active" in server.down_flags
-        report_status(self.proxy.balancer, name, healthy, "active", reason)
+        report_status(balancer, name, healthy, "active", reason)
+        if healthy and passive is not None and passive.active_recovery:
+            # With an active check, a passive ejection lasts until a probe passes (Traefik's
+            # rule): the passive check hands its own flag's end to the active one.
+            report_status(balancer, name, True, "passive", f"{reason} passed")
         if server is not None and was == healthy:  # the flag changed
             self.share(Change(name, "active_down", not healthy))
 

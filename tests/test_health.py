@@ -489,3 +489,20 @@ async def test_a_probe_never_undoes_a_manual_down() -> None:
         assert status.down["manual"] >= 0.2
         proxy.set_status("a", True)
         assert up(proxy, "a")
+
+
+async def test_a_passive_ejection_ends_with_the_next_passing_probe() -> None:
+    """With an active check, the passive check leaves the return to it: the upstream answers
+    500 to requests (ejected by the passive check) while its health probe passes."""
+    a = UpstreamApp("a")
+    a.fail_with = 500
+    passive = PassiveHealthCheck(failure_window=60, max_failed_attempts=1)
+    check = HealthCheck(interval=0.2, timeout=0.5)
+    async with healthy_proxy(
+        a, UpstreamApp("b"), passive_health_check=passive, health_check=check
+    ) as (proxy, client, _pool):
+        proxy.set_fenced("b", True)
+        assert (await client.get("/")).status_code == 500
+        assert list(proxy.balancer["a"].down_flags) == ["passive"]
+        a.fail_with = None
+        await wait_until(lambda: up(proxy, "a"), limit=1.0)  # the next probe, not 60 s
