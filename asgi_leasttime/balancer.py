@@ -607,24 +607,33 @@ class Balancer:
 
     # The primitives a lease is made of, for the simulator and for tests that port Traefik's.
 
-    def track(self, server: Server) -> None:
+    def track(self, server: Server | Lease) -> None:
         """Count a request in flight on a server (a lease does it for you)."""
+        if isinstance(server, Lease):
+            server = server.server
         server._inflight += 1
         server._requests += 1
         self._rescore(server)
 
-    def release(self, server: Server) -> None:
-        """The request counted by :meth:`track` is over (a lease does it for you)."""
+    def release(self, server: Server | Lease) -> None:
+        """The request counted by :meth:`track` is over (a lease does it for you, with
+        :meth:`Lease.release`; given a lease, this releases its server once, not the lease)."""
+        if isinstance(server, Lease):
+            server = server.server
         server._inflight -= 1
         self._rescore(server)
 
-    def record_ttfb(self, server: Server, seconds: float, *, alongside: int | None = None) -> None:
+    def record_ttfb(
+        self, server: Server | Lease, seconds: float, alongside: int | None = None
+    ) -> None:
         """Record a time to first byte, in seconds (:meth:`Lease.answered` does it for you).
 
         ``alongside``: how many other requests the server had in flight when this one was sent
         (:attr:`Lease.alongside`); the default mode learns from it how much a request in flight
         delays the next (:attr:`Server.queueing`). Without it nothing is learned.
         """
+        if isinstance(server, Lease):
+            server = server.server
         if self._traefik:
             # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
             server._add_sample(float(round(seconds * 1e9) // 1_000_000))
@@ -636,13 +645,15 @@ class Balancer:
             server._add_sample(seconds, now, -1 if alongside is None else alongside)
         self._rescore(server)
 
-    def record_failure(self, server: Server, ttfb: float | None = None) -> None:
+    def record_failure(self, server: Server | Lease, ttfb: float | None = None) -> None:
         """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx
         (:meth:`Lease.failed` and :meth:`Lease.answered` do it for you).
 
         Traefik times whatever answered and ignores what did not, which makes a fast-failing
         server look fast; the default mode records ``failure_penalty`` seconds instead.
         """
+        if isinstance(server, Lease):
+            server = server.server
         server._failures += 1
         if self._traefik:
             if ttfb is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from asgi_leasttime.balancer import Balancer, Server
@@ -56,6 +56,11 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"<Lease {self.server.name!r} outcome={self.outcome}>"
+
+    def __getattr__(self, attribute: str) -> Any:
+        # A lease reads as its server (lease.name, lease.inflight, lease.score), so code written
+        # when acquire() returned the Server keeps working.
+        return getattr(self.server, attribute)
 
     def answered(self, status: int, ttfb: float) -> None:
         """The server answered with ``status`` after ``ttfb`` seconds (its response head)."""

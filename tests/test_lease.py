@@ -237,3 +237,14 @@ async def test_a_refused_websocket_upstream_fails() -> None:
                 pass
         await wait_until(lambda: len(seen) == 1)
     assert outcomes(seen) == ["failed"]
+
+
+def test_a_lease_reads_as_its_server_for_code_written_before_it() -> None:
+    balancer, _ = leased("a", "b")
+    lease = balancer.acquire()  # once a Server: its name, statistics and the primitives work
+    assert (lease.name, lease.inflight) == (lease.server.name, 1)
+    balancer.record_ttfb(lease, 0.004)
+    balancer.record_failure(lease)
+    balancer.release(lease)
+    server = lease.server
+    assert (server.inflight, server.requests, server.failures, server.sample_count) == (0, 1, 1, 2)
