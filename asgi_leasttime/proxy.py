@@ -236,22 +236,11 @@ class LeastTimeProxy:
             if isinstance(upstream.app, LeastTimeProxy):
                 upstream.app._stop_watching()
 
-    def _apply_change(self, change: Change) -> None:
-        """Make a change here (from the admin API, through the state store)."""
-        name, operation, value = change.name, change.operation, change.value
-        if operation == "down":
-            self.balancer.set_status(name, not value, "manual")
-        elif operation == "active_down":
-            self.balancer.set_status(name, not value, "active")
-        elif operation == "fenced":
-            self.balancer.set_fenced(name, value)
-        elif operation == "weight":
-            self._set_weight(name, value)
-        elif operation == "add":
-            options = {k: v for k, v in value.items() if k in ("weight", "fenced")}
-            self._add(Upstream(value["url"], name=name, **options))
-        elif operation == "remove":
-            self._remove(name)
+    def _probed(self, name: str, healthy: bool, reason: str) -> None:
+        """An active probe's result, here or from the process that probes for all."""
+        report_status(self.balancer, name, healthy, "active", reason)
+        if healthy and self.passive_health_check is not None:
+            self.passive_health_check.probe_passed(self.balancer, name, reason)
 
     def _apply_record(self, name: str, record: Record) -> None:
         """Bring an upstream to what a record from the state store says of it."""
@@ -272,8 +261,7 @@ class LeastTimeProxy:
         if "down" in record:
             self.balancer.set_status(name, not record["down"], "manual")
         if "active_down" in record:
-            up = not record["active_down"]
-            report_status(self.balancer, name, up, "active", "the active check of another process")
+            self._probed(name, not record["active_down"], "the active check of another process")
 
     def upstream_status(self) -> list[UpstreamStatus]:
         """Every upstream with its status and statistics, in the order they were added."""

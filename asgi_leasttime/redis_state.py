@@ -128,7 +128,7 @@ class RedisState(StateStore):
     async def submit(self, change: Change) -> None:
         """Write ``change`` to the server and apply the record it makes; while the server is
         away, apply it here and queue it like :meth:`share`."""
-        merge(None, change, 1)  # refuse what no upstream could take, before anything changes
+        record = merge(None, change, 1)  # refuses what no upstream could take
         if self._connected and not self._pending:
             try:
                 name, record = await self._write(change)
@@ -138,7 +138,7 @@ class RedisState(StateStore):
                 self.apply(name, record)
                 return
         assert self.proxy is not None
-        self.proxy._apply_change(change)
+        self.proxy._apply_record(change.name, record)
         self.share(change)
 
     # -- what each process carries ----------------------------------------------------------------

