@@ -92,18 +92,20 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     merged["version"] = version
     operation, value = change.operation, change.value
     if operation in ("down", "active_down", "fenced"):
-        if not isinstance(value, bool):
-            raise OptionError(operation, "must be true or false")
+        _check_bool(operation, value)
         merged[operation] = value
     elif operation == "weight":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise OptionError("weight", "must be a number")
+        _check_number("weight", value)
         if not (value > 0 and math.isfinite(value)):
             raise OptionError("weight", "must be a positive number")
         merged["weight"] = value
     elif operation == "add":
         if not isinstance(value, dict) or not isinstance(value.get("url"), str):
             raise OptionError("url", "an added upstream needs a url")
+        if "weight" in value:
+            _check_number("weight", value["weight"])
+        if "fenced" in value:
+            _check_bool("fenced", value["fenced"])
         given = {key: value[key] for key in ("weight", "fenced") if key in value}
         upstream = Upstream(value["url"], name=change.name, **given)  # its defaults, its checks
         merged.update(url=value["url"], removed=False, weight=upstream.weight,
@@ -113,6 +115,16 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     else:
         raise OptionError("operation", f"unknown: {operation!r}")
     return merged
+
+
+def _check_bool(option: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(option, "must be true or false")
+
+
+def _check_number(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise OptionError(option, "must be a number")
 
 
 def valid_record(record: Any) -> bool:

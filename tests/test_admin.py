@@ -127,6 +127,8 @@ def test_a_short_token_is_refused() -> None:
         ("POST", "/upstreams/nobody", b'{"down": true}', 404),
         ("PUT", "/upstreams/z", b'{"url": "ftp://x"}', 400),
         ("PUT", "/upstreams/z", b'{"weight": 2}', 400),
+        ("PUT", "/upstreams/z", b'{"url": "http://127.0.0.1:9", "weight": "heavy"}', 400),
+        ("PUT", "/upstreams/z", b'{"url": "http://127.0.0.1:9", "fenced": "yes"}', 400),
         ("GET", "/upstreams/a", b"", 405),
         ("POST", "/status", b"{}", 405),
     ],
