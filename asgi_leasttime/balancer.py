@@ -151,6 +151,7 @@ class Server:
         "_count",
         "_deadline",
         "_down",
+        "_elsewhere",
         "_failures",
         "_fenced",
         "_index",
@@ -178,6 +179,7 @@ class Server:
         self._down: dict[Source, float] = {}  # source -> when it said down (balancer clock)
         self._deadline = deadline
         self._inflight = 0
+        self._elsewhere = 0.0  # requests other processes have in flight on it, as last heard
         self._requests = 0
         self._failures = 0
         self._samples = [0.0] * SAMPLE_SIZE
@@ -231,6 +233,12 @@ class Server:
     def inflight(self) -> int:
         """Requests counted in flight on this server right now."""
         return self._inflight
+
+    @property
+    def inflight_elsewhere(self) -> float:
+        """Requests other processes sharing this server had in flight, as last heard through
+        the shared state (:meth:`Balancer.set_inflight_elsewhere`); 0 when nothing is shared."""
+        return self._elsewhere
 
     @property
     def average(self) -> float:
@@ -566,7 +574,8 @@ class Balancer:
         else:
             # Traefik mode records no "alongside", so its factor stays 1.
             queueing = server._queueing.factor
-            score = server._average * (1 + queueing * server._inflight) / server._weight
+            inflight = server._inflight + server._elsewhere
+            score = server._average * (1 + queueing * inflight) / server._weight
         server._score = score
         if server._slot >= 0:
             self._scores[server._slot] = score
@@ -621,6 +630,15 @@ class Balancer:
         if isinstance(server, Lease):
             server = server.server
         server._inflight -= 1
+        self._rescore(server)
+
+    def set_inflight_elsewhere(self, name: str, inflight: float) -> None:
+        """Tell the default mode how many requests other processes have in flight on a server:
+        its score counts them beside its own (Traefik mode ignores them)."""
+        server = self[name]
+        if self._traefik or server._elsewhere == inflight:
+            return
+        server._elsewhere = inflight
         self._rescore(server)
 
     def record_ttfb(

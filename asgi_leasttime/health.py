@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -162,17 +163,28 @@ class PassiveHealthCheck:
     a final status of 500 or more; a success clears the count. ``max_failed_attempts`` failures
     within ``failure_window`` seconds mark the upstream down; it returns after ``failure_window``
     seconds, unless an active check is configured, which then decides when it returns.
+
+    ``shared``: where processes share a state store, an upstream ejected by one process is
+    ejected by all of them (for the rest of the window, or until a probe passes); each process
+    counts failures on its own traffic either way.
     """
 
-    def __init__(self, *, failure_window: float = 10.0, max_failed_attempts: int = 1) -> None:
+    def __init__(
+        self, *, failure_window: float = 10.0, max_failed_attempts: int = 1, shared: bool = False
+    ) -> None:
         check_positive("failure_window", failure_window)
         if max_failed_attempts < 1:
             raise OptionError("max_failed_attempts", "must be at least 1")
         self.failure_window = failure_window
         self.max_failed_attempts = max_failed_attempts
+        self.shared = shared
         self.active_recovery = False  # set by the proxy when an active check exists
+        # Set by the proxy when ``shared``: tells the others of an ejection (until when, in
+        # seconds since the epoch; 0 for "until a probe passes") or of its end (False).
+        self.tell_others: Callable[[str, float | bool], None] | None = None
         self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, first failure at)
         self._ejected: dict[str, float] = {}  # name -> when it may return
+        self._ejected_here: set[str] = set()  # ejections this process made (and so ends)
         self.next_return = math.inf  # the earliest of those, checked on the request path
 
     def watch(self, balancer: Balancer) -> None:
@@ -198,16 +210,33 @@ class PassiveHealthCheck:
         self._failures[server.name] = (count, since)
         if count >= self.max_failed_attempts and "passive" not in server.down_flags:
             del self._failures[server.name]
-            report_status(balancer, server.name, False, "passive", f"{count} failed requests")
-            if not self.active_recovery:
-                self._ejected[server.name] = now + self.failure_window
-                self.next_return = min(self.next_return, now + self.failure_window)
+            self._eject(balancer, server.name, f"{count} failed requests")
+            self._ejected_here.add(server.name)
+            if self.tell_others is not None:
+                until = 0.0 if self.active_recovery else time.time() + self.failure_window
+                self.tell_others(server.name, until)
+
+    def _eject(
+        self, balancer: Balancer, name: str, reason: str, lasts: float | None = None
+    ) -> None:
+        report_status(balancer, name, False, "passive", reason)
+        if not self.active_recovery:
+            at = balancer.clock() + (self.failure_window if lasts is None else lasts)
+            self._ejected[name] = at
+            self.next_return = min(self.next_return, at)
+
+    def _end(self, balancer: Balancer, name: str, reason: str) -> None:
+        report_status(balancer, name, True, "passive", reason)
+        if name in self._ejected_here:
+            self._ejected_here.discard(name)
+            if self.tell_others is not None:
+                self.tell_others(name, False)
 
     def probe_passed(self, balancer: Balancer, name: str, reason: str) -> None:
         """With an active check, an ejection lasts until a probe passes (Traefik's rule): the
         passive check hands the end of its flag to the active one."""
         if self.active_recovery:
-            report_status(balancer, name, True, "passive", f"{reason} passed")
+            self._end(balancer, name, f"{reason} passed")
 
     def restore_due(self, balancer: Balancer) -> None:
         """Bring back the upstreams whose window has passed (called when ``next_return`` is due)."""
@@ -216,5 +245,20 @@ class PassiveHealthCheck:
             if at <= now:
                 del self._ejected[name]
                 if name in balancer:
-                    report_status(balancer, name, True, "passive", "failure window over")
+                    self._end(balancer, name, "failure window over")
         self.next_return = min(self._ejected.values(), default=math.inf)
+
+    def heard(self, balancer: Balancer, name: str, until: float | bool) -> None:
+        """Another process's ejection (``until`` as :attr:`tell_others` says it), or its end."""
+        if name not in balancer or not self.shared:
+            return
+        if until is False:
+            self._ejected.pop(name, None)
+            report_status(balancer, name, True, "passive", "ejection over in another process")
+            return
+        lasts = None  # "until a probe passes", or for a window if this process has no probes
+        if until:
+            lasts = float(until) - time.time()
+            if lasts <= 0:
+                return  # over already (or clocks apart by more than the window)
+        self._eject(balancer, name, "ejected by another process", lasts)

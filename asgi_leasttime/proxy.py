@@ -130,6 +130,11 @@ class LeastTimeProxy:
         self.upstreams: dict[str, Upstream] = {}
         self.state = state if state is not None else InProcessState()
         self.state.bind(self)
+        if passive_health_check is not None and passive_health_check.shared:
+            share = self.state.share
+            passive_health_check.tell_others = lambda name, until: share(
+                Change(name, "passive_down", until)
+            )
         self._timeout = timeout
         self._limits = limits
         self._transport = transport
@@ -260,8 +265,13 @@ class LeastTimeProxy:
             self.balancer.set_fenced(name, record["fenced"])
         if "down" in record:
             self.balancer.set_status(name, not record["down"], "manual")
-        if "active_down" in record:
+        server = self.balancer[name]
+        if "active_down" in record and record["active_down"] != ("active" in server.down_flags):
             self._probed(name, not record["active_down"], "the active check of another process")
+        if "passive_down" in record and self.passive_health_check is not None:
+            until = record["passive_down"] and record.get("passive_until", 0)
+            if record["passive_down"] != ("passive" in server.down_flags):
+                self.passive_health_check.heard(self.balancer, name, until)
 
     def upstream_status(self) -> list[UpstreamStatus]:
         """Every upstream with its status and statistics, in the order they were added."""

@@ -199,8 +199,9 @@ class RedisState(StateStore):
         """Whether this process probes ``name`` now: the one that holds its probe lease does.
         The lease lasts two intervals and is renewed at each probe, so when its holder dies
         another process takes over within two intervals. Cut off from the server, a process
-        probes for itself."""
-        if not self._connected:
+        probes for itself, and so does one whose passive check holds the upstream down: only a
+        probe of its own ends that."""
+        if not self._connected or self._held_down_passively(name):
             return True
         key, lasts = self._key(f"prober:{name}"), max(int(2 * interval * 1000), 100)
         try:
@@ -215,6 +216,10 @@ class RedisState(StateStore):
             return True
         self._probing.discard(name)
         return False
+
+    def _held_down_passively(self, name: str) -> bool:
+        server = self.proxy.balancer.get(name) if self.proxy is not None else None
+        return server is not None and "passive" in server.down_flags
 
     async def _give_up_probes(self) -> None:
         """Hand the probe leases over at once rather than let them run out."""

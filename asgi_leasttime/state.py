@@ -40,12 +40,14 @@ __all__ = [
 
 logger = logging.getLogger("asgi_leasttime")
 
-Operation = Literal["down", "active_down", "fenced", "weight", "add", "remove"]
+Operation = Literal["down", "active_down", "passive_down", "fenced", "weight", "add", "remove"]
 
 Record = dict[str, Any]
 """One upstream's changes so far: ``version`` (int), and any of ``url`` (str), ``weight``
 (number), ``fenced`` (bool), ``down`` (bool: the manual flag), ``active_down`` (bool: the
-active check's flag, from the process that probes it), ``removed`` (bool)."""
+active check's flag, from the process that probes it), ``passive_down`` (bool) with
+``passive_until`` (seconds since the epoch; 0 until a probe passes) for an ejection shared by
+a passive check, ``removed`` (bool)."""
 
 _FIELDS: dict[str, tuple[type, ...]] = {
     "url": (str,),
@@ -53,6 +55,8 @@ _FIELDS: dict[str, tuple[type, ...]] = {
     "fenced": (bool,),
     "down": (bool,),
     "active_down": (bool,),
+    "passive_down": (bool,),
+    "passive_until": (int, float),
     "removed": (bool,),
 }
 
@@ -76,8 +80,9 @@ def fleet_totals(fleet: Fleet) -> dict[str, dict[str, float]]:
 class Change:
     """One change an operator makes to an upstream.
 
-    ``down``, ``fenced``: a bool; ``weight``: a number; ``add``: a mapping with ``url`` and
-    optionally ``weight`` and ``fenced``; ``remove``: no value.
+    ``down``, ``active_down``, ``fenced``: a bool; ``passive_down``: False, or until when in
+    seconds since the epoch (0: until a probe passes); ``weight``: a number; ``add``: a mapping
+    with ``url`` and optionally ``weight`` and ``fenced``; ``remove``: no value.
     """
 
     name: str
@@ -94,6 +99,13 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     if operation in ("down", "active_down", "fenced"):
         _check_bool(operation, value)
         merged[operation] = value
+    elif operation == "passive_down":
+        if value is not False:
+            _check_number("passive_down", value)
+            if not (value >= 0 and math.isfinite(value)):
+                raise OptionError("passive_down", "must be false or a time")
+        merged["passive_down"] = value is not False
+        merged["passive_until"] = 0 if value is False else value
     elif operation == "weight":
         _check_number("weight", value)
         if not (value > 0 and math.isfinite(value)):
@@ -142,8 +154,10 @@ def valid_record(record: Any) -> bool:
             return False
         if not isinstance(value, types):
             return False
-    weight = record.get("weight")
-    return weight is None or (weight > 0 and math.isfinite(weight))
+    weight, until = record.get("weight"), record.get("passive_until", 0)
+    return (weight is None or (weight > 0 and math.isfinite(weight))) and (
+        until >= 0 and math.isfinite(until)
+    )
 
 
 class StateStore:

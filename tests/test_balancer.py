@@ -383,3 +383,26 @@ def test_an_unknown_source_is_refused() -> None:
 
     with pytest.raises(OptionError, match="source"):
         balancer_with("a").set_status("a", False, "operator")  # type: ignore[arg-type]
+
+
+# -- load elsewhere -------------------------------------------------------------------------------
+
+
+def test_requests_in_flight_elsewhere_weigh_beside_our_own() -> None:
+    balancer = balancer_with("a", "b")
+    answer(balancer, {"a": 0.010, "b": 0.010}, 20)
+    balancer.set_inflight_elsewhere("a", 3)
+    assert balancer["a"].inflight_elsewhere == 3
+    assert balancer["a"].score > balancer["b"].score
+    assert Counter(answer(balancer, {"a": 0.010, "b": 0.010}, 10)) == {"b": 10}
+    balancer.set_inflight_elsewhere("a", 0)
+    assert balancer["a"].score == pytest.approx(balancer["b"].score)
+    with pytest.raises(UnknownServer):
+        balancer.set_inflight_elsewhere("c", 1)
+
+
+def test_traefik_mode_ignores_requests_in_flight_elsewhere() -> None:
+    balancer = Balancer(mode="traefik")
+    balancer.add("a")
+    balancer.set_inflight_elsewhere("a", 3)
+    assert balancer["a"].inflight_elsewhere == 0

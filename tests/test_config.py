@@ -206,6 +206,7 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("health_check", "unhealthy_interval"): 0.5,
     ("passive_health_check", "failure_window"): 3,
     ("passive_health_check", "max_failed_attempts"): 2,
+    ("passive_health_check", "shared"): True,
     ("timeouts", "connect"): 1,
     ("timeouts", "read"): 2.5,
     ("timeouts", "write"): 3,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from asgi_leasttime import LeastTimeProxy, Upstream
+from asgi_leasttime import HealthCheck, LeastTimeProxy, PassiveHealthCheck, Upstream
 from asgi_leasttime.metrics import AdminApp
 from asgi_leasttime.redis_state import RedisState
 from asgi_leasttime.state import Change, InProcessState, merge, valid_record
@@ -33,14 +33,19 @@ def store(request: pytest.FixtureRequest) -> Iterator[StoreServer]:
 
 @contextlib.asynccontextmanager
 async def fleet(
-    store: StoreServer, count: int = 2
+    store: StoreServer,
+    count: int = 2,
+    options: Callable[[], dict[str, Any]] = dict,
+    upstreams: tuple[UpstreamApp, UpstreamApp] | None = None,
 ) -> AsyncIterator[tuple[list[LeastTimeProxy], list[httpx.AsyncClient], list[str]]]:
-    """``count`` proxies (as if in as many processes) over the same two upstreams and store."""
-    async with running_many(UpstreamApp("a"), UpstreamApp("b")) as urls:
+    """``count`` proxies (as if in as many processes) over the same two upstreams and store,
+    each made with ``options()`` besides."""
+    async with running_many(*(upstreams or (UpstreamApp("a"), UpstreamApp("b")))) as urls:
         proxies = [
             LeastTimeProxy(
                 upstreams=[Upstream(urls[0], name="a"), Upstream(urls[1], name="b")],
                 state=RedisState(store.url, report_every=0.05),
+                **options(),
             )
             for _ in range(count)
         ]
@@ -195,13 +200,21 @@ def test_merging_changes() -> None:
     assert record == {"version": 2, "down": True, "weight": 2.5}
     assert valid_record(record)
     assert merge(record, Change("a", "remove"), 3)["removed"] is True
+    ejected = merge(record, Change("a", "passive_down", 1_800_000_000.5), 3)
+    assert (ejected["passive_down"], ejected["passive_until"]) == (True, 1_800_000_000.5)
+    ended = merge(ejected, Change("a", "passive_down", False), 4)
+    assert (ended["passive_down"], ended["passive_until"]) == (False, 0)
+    assert valid_record(ejected)
+    assert valid_record(ended)
+    assert not valid_record({**ejected, "passive_until": -1})
 
 
 @pytest.mark.parametrize(
     "change",
     [Change("a", "down", "yes"), Change("a", "weight", 0), Change("a", "weight", True),
      Change("a", "add", {"url": "ftp://x"}), Change("a", "add", None),
-     Change("a", "explode")],  # type: ignore[arg-type]
+     Change("a", "passive_down", True), Change("a", "passive_down", -1.0),
+     Change("a", "passive_down", float("inf")), Change("a", "explode")],  # type: ignore[arg-type]
 )  # fmt: skip
 def test_changes_no_upstream_could_take_are_refused(change: Change) -> None:
     from asgi_leasttime.options import OptionError
@@ -221,8 +234,6 @@ async def test_in_process_changes_apply_at_once() -> None:
 
 
 async def test_one_process_probes_for_all_and_another_takes_over(store: StoreServer) -> None:
-    from asgi_leasttime import HealthCheck
-
     upstream = UpstreamApp("a")
     async with running(upstream) as url:
 
@@ -297,3 +308,81 @@ async def test_one_status_and_one_scrape_see_every_process(store: StoreServer) -
         + found["asgi_leasttime_fleet_server_requests", "b"]
         == 10
     )
+
+
+# -- passive ejections ----------------------------------------------------------------------------
+
+
+async def eject_through(client: httpx.AsyncClient, proxy: LeastTimeProxy) -> None:
+    """Send requests until ``a`` (answering 502) is ejected by this process's passive check."""
+    for _ in range(20):
+        await client.get("/")
+        if "passive" in proxy.balancer["a"].down_flags:
+            return
+    raise AssertionError("never ejected")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+async def test_a_passive_ejection_is_shared_when_asked(store: StoreServer, shared: bool) -> None:
+    failing = UpstreamApp("a")
+    failing.fail_with = 502
+
+    def options() -> dict[str, Any]:
+        return {"passive_health_check": PassiveHealthCheck(failure_window=2.0, shared=shared)}
+
+    async with fleet(store, 3, options, (failing, UpstreamApp("b"))) as (proxies, clients, _):
+        await eject_through(clients[0], proxies[0])
+        others = proxies[1:]
+        if not shared:
+            await anyio.sleep(0.3)
+            assert all(p.balancer["a"].up for p in others)
+            return
+        await wait_until(lambda: not any(p.balancer["a"].up for p in others), 1.0)
+        assert all(list(p.balancer["a"].down_flags) == ["passive"] for p in others)
+        for client in clients:
+            assert await served(client, 10) == {"b"}
+        failing.fail_with = None  # every process takes it back when the window is over
+        await anyio.sleep(2.0)
+        for client in clients:  # (a window's end is seen on the request path)
+            await client.get("/")
+        assert all(p.balancer["a"].up for p in proxies)
+
+
+async def test_with_probes_a_passive_ejection_ends_when_one_passes_everywhere(
+    store: StoreServer,
+) -> None:
+    """Whichever process holds the probe lease, each one that holds the upstream down probes it
+    itself until a probe passes: its ejection does not wait for a shared flag that never moves."""
+    failing = UpstreamApp("a")
+    failing.fail_with = 500  # its traffic fails; its health answers 200
+
+    def options() -> dict[str, Any]:
+        return {
+            "passive_health_check": PassiveHealthCheck(failure_window=30.0),
+            "health_check": HealthCheck(interval=0.2, timeout=1),
+        }
+
+    async with fleet(store, 3, options, (failing, UpstreamApp("b"))) as (proxies, clients, _):
+        for proxy, client in zip(proxies, clients, strict=True):
+            await eject_through(client, proxy)
+        # Every process's own ejection ends with its own passing probe, not after 30 s.
+        await wait_until(lambda: all(p.balancer["a"].up for p in proxies), 2.0)
+
+
+async def test_a_shared_ejection_with_probes_ends_in_every_process(store: StoreServer) -> None:
+    failing = UpstreamApp("a")
+    failing.fail_with = 500
+
+    def options() -> dict[str, Any]:
+        return {
+            "passive_health_check": PassiveHealthCheck(failure_window=30.0, shared=True),
+            "health_check": HealthCheck(interval=0.3, timeout=1),
+        }
+
+    async with fleet(store, 3, options, (failing, UpstreamApp("b"))) as (proxies, clients, _):
+        failing.health_status = 500  # held down by the active check too, until it passes
+        await wait_until(lambda: not proxies[0].balancer["a"].up, 2.0)
+        failing.health_status = 200
+        await eject_through(clients[0], proxies[0])
+        failing.fail_with = None
+        await wait_until(lambda: all(p.balancer["a"].up for p in proxies), 2.0)

@@ -45,6 +45,12 @@ class Scenario:
     watch: str | None = None  # the server whose share the scenario is about
     events: dict[str, float] = field(default_factory=dict)  # named times (degrade, recover, ...)
     large_pool: bool = False  # also compare the default mode's sampled-pick variants
+    # Load shared between the balancers, as the shared state does: every ``share_every`` seconds
+    # each balancer reports its requests in flight per server, and ``share_delay`` later every
+    # balancer hears the fleet's total (0: blind to each other). Only policies with ``report``
+    # and ``hear`` take part.
+    share_every: float = 0.0
+    share_delay: float = 0.005
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Result:
     """What one run saw."""
 
     latencies: list[float]
+    sent_at: list[float]  # when each of ``latencies`` was sent, in the same order
     share: dict[str, dict[int, int]]  # server -> tick (0.1 s) -> requests sent
     per_tick: dict[int, int]  # tick (0.1 s) -> requests sent
     before_first_answer: dict[str, int]  # server -> requests sent before its first answer
@@ -93,6 +100,7 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
         heapq.heappush(events, (at, sequence, kind, payload))
 
     latencies: list[float] = []
+    sent_at: list[float] = []
     share: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     per_tick: dict[int, int] = defaultdict(int)
     answered: set[str] = set()
@@ -114,6 +122,9 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
             schedule(t, "arrive", arrivals_rng.randrange(scenario.balancers))
     for at, name in joins:
         schedule(at, "join", name)
+    sharing = scenario.share_every > 0 and hasattr(balancers[0], "report")
+    if sharing:
+        schedule(scenario.share_every, "report", None)
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -145,6 +156,7 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
                 balancer.failed(server, ttfb)
             else:
                 latencies.append(ttfb)
+                sent_at.append(arrived)
                 balancer.answered(server, ttfb)
                 model.busy -= 1
                 if model.queue:
@@ -153,8 +165,22 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
         elif kind == "join":
             for balancer in balancers:
                 balancer.add(payload)
+        elif kind == "report":
+            reports = [balancer.report() for balancer in balancers]
+            total: dict[str, float] = defaultdict(float)
+            for report in reports:
+                for name, inflight in report.items():
+                    total[name] += inflight
+            schedule(now + scenario.share_delay, "heard", (reports, dict(total)))
+            if now + scenario.share_every < scenario.duration:
+                schedule(now + scenario.share_every, "report", None)
+        elif kind == "heard":
+            reports, total = payload
+            for balancer, own in zip(balancers, reports, strict=True):
+                balancer.hear({name: n - own.get(name, 0) for name, n in total.items()})
     return Result(
         latencies=latencies,
+        sent_at=sent_at,
         share={k: dict(v) for k, v in share.items()},
         per_tick=dict(per_tick),
         before_first_answer=dict(before_first_answer),

@@ -37,6 +37,16 @@ class BalancerPolicy:
         assert added is not None
         self.by_name[name] = added
 
+    def report(self) -> dict[str, float]:
+        """Requests in flight per server, as the proxy reports them to the shared state."""
+        return {s.name: s.inflight for s in self.balancer}
+
+    def hear(self, elsewhere: dict[str, float]) -> None:
+        """What the rest of the fleet has in flight, as the shared state tells it."""
+        for name, inflight in elsewhere.items():
+            if name in self.balancer:
+                self.balancer.set_inflight_elsewhere(name, inflight)
+
     def pick(self) -> Lease:
         """A lease, as the proxy takes one."""
         return self.balancer.acquire()

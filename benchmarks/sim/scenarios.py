@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import replace
 
 from .engine import Scenario, ServerModel
 
@@ -117,6 +118,20 @@ def fail_fast() -> Scenario:
     )
 
 
+SHARE_EVERY = 0.1  # the shared state's default report interval
+SHARE_DELAY = 0.005  # its measured p99 propagation on loopback (benchmarks/state.py)
+
+
+def shared(scenario: Scenario, every: float = SHARE_EVERY) -> Scenario:
+    """The scenario with load shared between its balancers through the store."""
+    return replace(
+        scenario,
+        name=f"{scenario.name}, load shared every {every * 1000:g} ms",
+        share_every=every,
+        share_delay=SHARE_DELAY,
+    )
+
+
 def bursts(balancers: int) -> Scenario:
     base = 0.6 * 40 / MEAN
 
@@ -169,4 +184,7 @@ def all_scenarios() -> list[Scenario]:
         bursts(8),
         large_pool(1),
         large_pool(8),
+        shared(bursts(8)),
+        shared(large_pool(8)),
+        shared(large_pool(8), every=0.02),
     ]
