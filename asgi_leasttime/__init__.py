@@ -3,6 +3,7 @@
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server, UnknownServer
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.lease import Lease
+from asgi_leasttime.middleware import LeastTimeMiddleware
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
@@ -14,6 +15,7 @@ __all__ = [
     "Balancer",
     "HealthCheck",
     "Lease",
+    "LeastTimeMiddleware",
     "LeastTimeProxy",
     "Mode",
     "NoAvailableServer",

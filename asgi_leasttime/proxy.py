@@ -43,12 +43,14 @@ logger = logging.getLogger("asgi_leasttime")
 class LeastTimeProxy:
     """An ASGI app that forwards each request to the upstream with the lowest least-time score.
 
-    Use it as the whole app, mount it (``Mount("/api", app=proxy)``; the mount prefix is stripped),
-    or wrap an app with it (``LeastTimeProxy(app, upstreams=...)``): the wrapped app's lifespan
-    runs inside the proxy's, and it answers the requests that no upstream can take.
+    Use it as the whole app, or mount it (``Mount("/api", app=proxy)``; the mount prefix is
+    stripped). To send only some requests of an app upstream, add it to the app as
+    :class:`~asgi_leasttime.middleware.LeastTimeMiddleware`.
 
     Arguments:
-        app: optional wrapped app (see above).
+        app: refused: a proxy wraps no app. ``app.add_middleware(LeastTimeProxy, ...)`` would send
+            every request upstream, the app's own routes included; the error names the
+            middleware that selects which requests go.
         upstreams: URLs or :class:`Upstream` objects.
         client: an ``httpx.AsyncClient`` to send with. The proxy gives it a cookie jar that stores
             nothing and never closes it. Without one, the proxy uses its lean client for http
@@ -105,7 +107,13 @@ class LeastTimeProxy:
         freeze_gc: bool = True,
         state: StateStore | None = None,
     ) -> None:
-        self.app = app
+        if app is not None:
+            raise TypeError(
+                "LeastTimeProxy takes no app to wrap: it would send every request upstream. To "
+                "send some of an app's requests upstream, add LeastTimeMiddleware(app, "
+                "upstreams=..., paths=[...]) (or hosts=, when=); to proxy everything, serve the "
+                "proxy as the app."
+            )
         self.freeze_gc = freeze_gc
         self.name = name
         self.sticky = sticky
@@ -116,6 +124,7 @@ class LeastTimeProxy:
         if passive_health_check is not None:
             passive_health_check.active_recovery = health_check is not None
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._running = False  # in its lifespan
         self._watchers: dict[str, anyio.CancelScope] = {}  # an upstream's health checks
         self._child_updaters: dict[str, Callable[[bool], None]] = {}  # nested proxies' status
         self.metrics: RequestMetrics | None = None  # set by an AdminApp
@@ -304,8 +313,15 @@ class LeastTimeProxy:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
         """For ``Starlette(lifespan=proxy.lifespan)``: open the client and start the health
-        checks (and those of in-process child proxies) on startup; stop and close on shutdown."""
+        checks (and those of in-process child proxies) on startup; stop and close on shutdown.
+        Entered again while it runs (a middleware's lifespan and the app's both naming it), it
+        does nothing more."""
+        if self._running:
+            yield
+            return
+        self._running = True
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(setattr, self, "_running", False)
             _ = self.client
             stack.push_async_callback(self.aclose)
             await stack.enter_async_context(self.state.running())
@@ -340,11 +356,6 @@ class LeastTimeProxy:
         task_group.start_soon(watch)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.app is not None:
-            # Wrapping an app: its lifespan runs inside the proxy's.
-            async with self.lifespan():
-                await self.app(scope, receive, send)
-            return
         message = await receive()
         assert message["type"] == "lifespan.startup"
         async with self.lifespan():
@@ -357,11 +368,21 @@ class LeastTimeProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            await self._http(scope, receive, send, None)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+            await self._websocket(scope, receive, send, None)
+
+    async def forward(
+        self, scope: Scope, receive: Receive, send: Send, *, fallback: ASGIApp | None = None
+    ) -> None:
+        """Forward one HTTP or WebSocket request upstream; when no upstream is available,
+        ``fallback`` answers it if given (else ``503``, or a WebSocket close with 1013)."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send, fallback)
+        else:
+            await self._websocket(scope, receive, send, fallback)
 
     def _choose(self, scope: Scope) -> tuple[Lease, Headers | None]:
         """A lease on the server for this request, and a Set-Cookie to send if any.
@@ -382,10 +403,12 @@ class LeastTimeProxy:
         lease = balancer.acquire()
         return lease, [sticky.set_cookie_header(lease.server.name)]
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _http(
+        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+    ) -> None:
         metrics = self.metrics
         if metrics is None:
-            await self._forward(scope, receive, send)
+            await self._forward(scope, receive, send, fallback)
             return
         started = time.perf_counter()
         status = 499  # nginx's "client closed request": no response was started
@@ -397,16 +420,18 @@ class LeastTimeProxy:
             await send(message)
 
         try:
-            await self._forward(scope, receive, counting_send)
+            await self._forward(scope, receive, counting_send, fallback)
         finally:
             metrics.observe(scope["method"], status, "http", time.perf_counter() - started)
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+    ) -> None:
         try:
             lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
-            if self.app is not None:
-                await self.app(scope, receive, send)
+            if fallback is not None:
+                await fallback(scope, receive, send)
             else:
                 await send_error(send, 503, "no available server")
             return
@@ -477,12 +502,17 @@ class LeastTimeProxy:
             lease.failed()
             await send_error(send, 502, "bad gateway")
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _websocket(
+        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+    ) -> None:
         from asgi_leasttime._websocket import forward_websocket
 
         try:
             lease, _ = self._choose(scope)
         except NoAvailableServer:
+            if fallback is not None:
+                await fallback(scope, receive, send)
+                return
             await send({"type": "websocket.close", "code": 1013, "reason": "no available server"})
             return
         with lease:

@@ -504,30 +504,6 @@ def test_upstream_validation() -> None:
         Upstream(app=object())
 
 
-async def test_a_wrapped_app_gets_the_lifespan_and_what_no_upstream_takes() -> None:
-    events: list[str] = []
-
-    async def fallback(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                events.append(message["type"])
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"local"})
-
-    async with running(UpstreamApp("a")) as upstream_url:
-        proxy = LeastTimeProxy(fallback, upstreams=[Upstream(upstream_url, name="a")])
-        async with running(proxy, lifespan="on") as url, httpx.AsyncClient(base_url=url) as client:
-            assert proxy._client is not None  # the proxy's own lifespan ran too
-            assert (await client.get("/")).headers["x-upstream"] == "a"
-            proxy.set_status("a", up=False)
-            assert (await client.get("/")).text == "local"
-    assert events == ["lifespan.startup", "lifespan.shutdown"]
-
-
 async def test_startup_freezes_the_heap_out_of_the_collectors_way_unless_told_not_to() -> None:
     gc.unfreeze()
     try:
