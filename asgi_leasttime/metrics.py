@@ -156,8 +156,9 @@ class _UpstreamCollector:
 
 
 class AdminApp:
-    """ASGI app with ``/metrics`` (Prometheus text) and ``/status`` (JSON) for one proxy, and,
-    given a ``token``, the write API under ``/upstreams/`` (see :mod:`asgi_leasttime.admin`).
+    """ASGI app with ``/metrics`` (Prometheus text) and ``/status`` (JSON) for one proxy, a live
+    dashboard at ``/`` (and ``/dashboard``), and, given a ``token``, the write API under
+    ``/upstreams/`` (see :mod:`asgi_leasttime.admin`), which the dashboard's controls call.
 
     Creating it turns on the proxy's per-request counters when prometheus-client is installed.
     """
@@ -190,6 +191,13 @@ class AdminApp:
             if status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
             await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if path in ("/", "/dashboard") and scope["method"] in ("GET", "HEAD"):
+            from asgi_leasttime.dashboard import page
+
+            body, headers = page()
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
         if path == "/metrics":

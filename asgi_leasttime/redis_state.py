@@ -75,9 +75,15 @@ class RedisState(StateStore):
         self.report_every: float | None = report_every
         try:
             # health_check_interval: a silent connection (the server gone without a word) is
-            # noticed by a PING within that many seconds.
+            # noticed by a PING within that many seconds. socket_timeout: a command that gets
+            # no answer fails (and the store counts as lost) instead of waiting for ever; the
+            # subscription's blocking read is exempt (redis-py reads it without a timeout).
             self._client = redis.asyncio.from_url(
-                url, password=password, socket_connect_timeout=2, health_check_interval=5
+                url,
+                password=password,
+                socket_connect_timeout=2,
+                socket_timeout=5,
+                health_check_interval=5,
             )
         except ValueError as exc:
             raise OptionError("url", str(exc)) from None

@@ -12,7 +12,8 @@ API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 # Modules a user imports from besides the package itself; every other module is private.
 PUBLIC_MODULES = {
-    "admin", "balancer", "cli", "client", "config", "demo", "health", "lease", "metrics",
+    "admin", "balancer", "cli", "client", "config", "dashboard", "demo", "health", "lease",
+    "metrics", "middleware",
     "options", "proxy", "redis_state", "state", "status", "sticky", "types", "upstream",
 }  # fmt: skip
 
