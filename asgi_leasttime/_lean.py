@@ -18,6 +18,7 @@ import collections
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -124,7 +125,10 @@ class _Connection(asyncio.Protocol):
         the transport before its reader has seen the answer, which is still in the socket: the
         socket is open until this callback returns, so read it from a duplicate of it.
         """
-        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        transport = self.transport
+        if transport is None or transport.get_extra_info("ssl_object") is not None:
+            return  # over TLS the socket holds records only the closed TLS layer could read
+        sock = transport.get_extra_info("socket")
         if sock is None:
             return
         with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
@@ -281,8 +285,17 @@ class _Pool:
     written would fail that request.
     """
 
-    def __init__(self, host: str, port: int, limits: httpx.Limits) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limits: httpx.Limits,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.host, self.port = host, port
+        self.tls = tls
+        self.server_name = (server_name or host) if tls is not None else None
         self.idle: list[tuple[float, _Connection]] = []  # (idle since, connection)
         self.limit = limits.max_connections or 512
         self.idle_limit = limits.max_keepalive_connections
@@ -330,12 +343,18 @@ class _Pool:
             connection.close()
         try:
             async with asyncio.timeout(limits.connect):
-                _, connection = await loop.create_connection(_Connection, self.host, self.port)
+                _, connection = await loop.create_connection(
+                    _Connection,
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.server_name,
+                )
         except TimeoutError:
             self._free_slot()
             message = f"connecting to {self.host}:{self.port} timed out"
             raise httpx.ConnectTimeout(message) from None
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError among them: a certificate refused, say
             self._free_slot()
             raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         except BaseException:  # cancelled while connecting: the client left
@@ -358,15 +377,16 @@ class _Pool:
 
 
 def _request_head(
-    method: str, target: bytes, headers: Headers, host: str, port: int, chunked: bool
+    method: str, target: bytes, headers: Headers, host: str, port: int | None, chunked: bool
 ) -> bytes:
+    """The request line and headers; ``port`` is ``None`` when it is the scheme's default."""
     lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
     has_host = False
     for name, value in headers:
         lines.append(name + b": " + value)
         has_host = has_host or name == b"host"
     if not has_host:
-        authority = host if port == 80 else f"{host}:{port}"  # as httpx and browsers write it
+        authority = host if port is None else f"{host}:{port}"  # as httpx and browsers write it
         lines.append(b"host: " + authority.encode("ascii"))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
@@ -418,10 +438,19 @@ class LeanResponse:
 class LeanClient:
     """The proxy's fast upstream client. ``send`` returns once the response headers are in."""
 
-    def __init__(self, *, timeout: httpx.Timeout, limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: httpx.Timeout,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.timeout = timeout
         self.limits = limits
-        self._pools: dict[tuple[str, int], _Pool] = {}
+        self.tls = tls  # for https upstreams (asyncio's own TLS)
+        self.server_name = server_name
+        self._pools: dict[tuple[str, int, bool], _Pool] = {}
         self._deadlines = _read_deadlines(timeout.read)
 
     async def send(
@@ -432,22 +461,28 @@ class LeanClient:
         target: bytes,
         headers: Headers,
         body: AsyncIterator[bytes] | None,
+        https: bool = False,
     ) -> LeanResponse:
-        """Send one request; raises httpx's exceptions for what goes wrong."""
-        pool = self._pools.get((host, port))
+        """Send one request (over TLS if ``https``); raises httpx's exceptions for what goes
+        wrong."""
+        pool = self._pools.get((host, port, https))
         if pool is None:
-            pool = _Pool(host, port, self.limits)
-            self._pools[(host, port)] = pool
+            tls = self.tls if https else None
+            if https and tls is None:
+                tls = self.tls = ssl.create_default_context()
+            pool = _Pool(host, port, self.limits, tls, self.server_name)
+            self._pools[(host, port, https)] = pool
         connection = await pool.connect(self.timeout)
+        shown_port = None if port == (443 if https else 80) else port
         try:
             connection.head_only = method == "HEAD"
             if body is None:
-                head = _request_head(method, target, headers, host, port, chunked=False)
+                head = _request_head(method, target, headers, host, shown_port, chunked=False)
                 await connection.write(head, self.timeout.write)
             else:
                 try:
                     await self._write_with_body(
-                        connection, method, target, headers, host, port, body
+                        connection, method, target, headers, host, shown_port, body
                     )
                 except httpx.WriteError:
                     await connection.until_closed()  # it reads what the upstream sent last
@@ -473,7 +508,7 @@ class LeanClient:
         target: bytes,
         headers: Headers,
         host: str,
-        port: int,
+        port: int | None,
         body: AsyncIterator[bytes],
     ) -> None:
         # Chunked unless the client gave a length (the proxy forwards Content-Length as it came).

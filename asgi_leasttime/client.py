@@ -98,10 +98,12 @@ class PerOriginTransport(httpx.AsyncBaseTransport):
     request, so upstreams added at run time get their own too.
     """
 
-    def __init__(self, *, limits: httpx.Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, *, limits: httpx.Limits = DEFAULT_LIMITS, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self._limits = limits
         self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
-        self._ssl_context: ssl.SSLContext | None = None
+        self._ssl_context = ssl_context
 
     def _new_pool(self, scheme: bytes) -> httpx.AsyncHTTPTransport:
         # httpx builds an SSL context (tens of milliseconds) for every transport unless given
@@ -133,14 +135,16 @@ def create_client(
     timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     limits: httpx.Limits = DEFAULT_LIMITS,
     transport: httpx.AsyncBaseTransport | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> httpx.AsyncClient:
     """The client a :class:`~asgi_leasttime.LeastTimeProxy` makes when it is given none.
 
-    Per-upstream pools (unless ``transport`` replaces them), explicit timeouts, no cookies, no
-    redirects followed, and no proxy settings read from the environment.
+    Per-upstream pools (unless ``transport`` replaces them) verifying https upstreams with
+    ``ssl_context`` (httpx's default if none), explicit timeouts, no cookies, no redirects
+    followed, and no proxy settings read from the environment.
     """
     client = httpx.AsyncClient(
-        transport=transport or PerOriginTransport(limits=limits),
+        transport=transport or PerOriginTransport(limits=limits, ssl_context=ssl_context),
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,

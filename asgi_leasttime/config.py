@@ -35,6 +35,7 @@ from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.redis_state import RedisState
 from asgi_leasttime.state import StateStore
 from asgi_leasttime.sticky import StickyCookie
+from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.upstream import Upstream
 
 __all__ = [
@@ -199,6 +200,7 @@ TABLES: dict[str, Table] = {
     ),
     "health_check": Table((Part(HealthCheck),)),
     "passive_health_check": Table((Part(PassiveHealthCheck),)),
+    "tls": Table((Part(UpstreamTLS),)),
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
@@ -209,7 +211,7 @@ TABLES: dict[str, Table] = {
 }
 """Every table of the file (``upstream`` is one entry of ``[[upstreams]]``)."""
 
-OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin", "state"})
+OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin", "state", "tls"})
 """Tables that turn their feature on by being present."""
 
 TOP_LEVEL = {*TABLES.keys() - {"upstream"}, "upstreams"}
@@ -275,8 +277,10 @@ class Config:
         passive = None
         if "passive_health_check" in self.optional:
             passive = PassiveHealthCheck(**self.section("passive_health_check"))
+        tls = UpstreamTLS(**self.section("tls")) if "tls" in self.optional else None
         return LeastTimeProxy(
             state=self.state_store(environ),
+            tls=tls,
             upstreams=[Upstream(**u) for u in self.upstreams],
             name=server["name"],
             freeze_gc=server["freeze_gc"],

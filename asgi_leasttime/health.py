@@ -88,9 +88,13 @@ class HealthCheck:
         return status == self.status if self.status else 200 <= status < 400
 
 
-async def probe(check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL) -> bool:
-    """One probe: healthy or not. Never raises for what the upstream does."""
+async def probe(
+    check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL, server_name: str | None = None
+) -> bool:
+    """One probe: healthy or not. Never raises for what the upstream does. ``server_name``:
+    the TLS name to send and check instead of the URL's host."""
     headers = dict(check.headers)
+    extensions = {"sni_hostname": server_name} if server_name else None
     if check.hostname is not None:
         headers["host"] = check.hostname
     with anyio.move_on_after(check.timeout):
@@ -101,6 +105,7 @@ async def probe(check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL) -
                 headers=headers,
                 follow_redirects=check.follow_redirects,
                 timeout=check.timeout,
+                extensions=extensions,
             )
         except httpx.HTTPError as exc:
             logger.debug("health probe of %s failed: %r", url, exc)
@@ -133,6 +138,7 @@ async def watch_upstream(
     state: StateStore,
     upstream: Upstream,
     client: Callable[[], httpx.AsyncClient],
+    server_name: str | None = None,
 ) -> None:
     """Probe one upstream on its own schedule until cancelled (when it leaves the proxy).
 
@@ -146,7 +152,7 @@ async def watch_upstream(
         healthy = True
         if await state.may_probe(upstream.name, longest):
             try:
-                healthy = await probe(check, client(), url)
+                healthy = await probe(check, client(), url, server_name)
             except Exception:
                 # A fault of ours or of the client library: this upstream counts as unhealthy
                 # and the task goes on, since ending it would end every upstream's checks.

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from asgi_leasttime._lean import LeanClient
     from asgi_leasttime.metrics import RequestMetrics
 from asgi_leasttime.sticky import StickyCookie
+from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.upstream import Upstream
 
 __all__ = ["LeastTimeProxy"]
@@ -84,6 +85,10 @@ class LeastTimeProxy:
             removed) are kept and shared: :class:`~asgi_leasttime.state.InProcessState` (the
             default, this process only) or :class:`~asgi_leasttime.redis_state.RedisState`
             (every process on one Redis or Valkey server).
+        tls: an :class:`~asgi_leasttime.tls.UpstreamTLS` for https upstreams (a CA bundle, a
+            client certificate, a server name, or no verification); without one, certificates
+            are verified against the system's CA store. The lean client speaks TLS itself, so
+            https upstreams take the fast path too.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class LeastTimeProxy:
         upstream_client: Literal["httpx", "lean"] = "lean",
         freeze_gc: bool = True,
         state: StateStore | None = None,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -150,10 +156,16 @@ class LeastTimeProxy:
         self._client = client
         self._owns_client = client is None
         self._lean: LeanClient | None = None
+        self.tls = tls if tls is not None else UpstreamTLS()
         if upstream_client == "lean" and client is None and transport is None:
             from asgi_leasttime._lean import LeanClient
 
-            self._lean = LeanClient(timeout=timeout, limits=limits)
+            self._lean = LeanClient(
+                timeout=timeout,
+                limits=limits,
+                tls=self.tls.context,
+                server_name=self.tls.server_name,
+            )
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
@@ -298,7 +310,10 @@ class LeastTimeProxy:
         """The client the proxy sends with; created on first use if none was given."""
         if self._client is None:
             self._client = create_client(
-                timeout=self._timeout, limits=self._limits, transport=self._transport
+                timeout=self._timeout,
+                limits=self._limits,
+                transport=self._transport,
+                ssl_context=self.tls.context,
             )
         return self._client
 
@@ -351,7 +366,9 @@ class LeastTimeProxy:
 
         async def watch() -> None:
             with watcher:
-                await watch_upstream(check, self.state, upstream, lambda: self.client)
+                await watch_upstream(
+                    check, self.state, upstream, lambda: self.client, self.tls.server_name
+                )
 
         task_group.start_soon(watch)
 
@@ -467,9 +484,12 @@ class LeastTimeProxy:
 
     def _opener(self, upstream: Upstream, target: bytes) -> Opener:
         lean = self._lean
-        if lean is not None and upstream.url is not None and upstream.url.scheme == "http":
+        if lean is not None and upstream.url is not None:
             host, port, path = upstream.host, upstream.port, upstream.base_path + target
-            return lambda method, headers, body: lean.send(method, host, port, path, headers, body)
+            https = upstream.url.scheme == "https"
+            return lambda method, headers, body: lean.send(
+                method, host, port, path, headers, body, https
+            )
         return httpx_opener(self.client, upstream.target_url(target))
 
     async def _forward_in_process(

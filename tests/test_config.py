@@ -20,6 +20,7 @@ from asgi_leasttime.config import (
 )
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.redis_state import RedisState
+from asgi_leasttime.tls import UpstreamTLS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lb.toml"
 
@@ -169,6 +170,26 @@ def test_every_key_is_documented() -> None:
 
 URL = "http://127.0.0.1:9001"
 
+
+def _tls_files() -> dict[str, str]:
+    """A CA and a client certificate, as PEM files, for the [tls] samples."""
+    import tempfile
+
+    import trustme
+
+    folder = Path(tempfile.mkdtemp(prefix="asgi-leasttime-tls-"))
+    ca = trustme.CA()
+    client = ca.issue_cert("client.example")
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+    client.private_key_pem.write_to_path(str(folder / "client.key"))
+    client.private_key_and_cert_chain_pem.write_to_path(str(folder / "client-and-key.pem"))
+    names = ("ca.pem", "client.pem", "client.key", "client-and-key.pem")
+    return {name: str(folder / name) for name in names}
+
+
+TLS_FILES = _tls_files()
+
 # A value other than the default for every key of every table.
 SAMPLES: dict[tuple[str, str], Any] = {
     ("server", "host"): "0.0.0.0",
@@ -221,6 +242,11 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("state", "prefix"): "shop-lb",
     ("state", "password_env"): "MY_STORE_PASSWORD",
     ("state", "report_every"): 0.25,
+    ("tls", "root_cas"): [TLS_FILES["ca.pem"]],
+    ("tls", "cert_file"): TLS_FILES["client-and-key.pem"],
+    ("tls", "key_file"): TLS_FILES["client.key"],
+    ("tls", "server_name"): "upstream.internal",
+    ("tls", "insecure_skip_verify"): True,
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -248,6 +274,8 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("admin", "port"): 70000,
     ("state", "url"): "http://127.0.0.1:6379",
     ("state", "report_every"): 0,
+    ("tls", "root_cas"): ["/nonexistent/ca.pem"],
+    ("tls", "cert_file"): "/nonexistent/client.pem",
 }
 
 
@@ -269,12 +297,15 @@ def direct(table: str, key: str, value: Any) -> Any:
         return StickyCookie(**{"secret_key": "k", **options})
     if table == "state":
         return RedisState(**{"url": "redis://127.0.0.1:6379", **options})
+    if table == "tls" and key == "key_file":
+        options["cert_file"] = TLS_FILES["client.pem"]
     constructors: dict[str, Any] = {
         "health_check": HealthCheck,
         "passive_health_check": PassiveHealthCheck,
         "timeouts": timeouts,
         "limits": limits,
         "admin": AdminOptions,
+        "tls": UpstreamTLS,
     }
     return constructors[table](**options)
 
@@ -289,6 +320,8 @@ def from_file(table: str, key: str, value: Any) -> Any:
         document[table]["secret_key"] = "k"
     if table == "state" and key != "url":
         document[table]["url"] = "redis://127.0.0.1:6379"
+    if table == "tls" and key == "key_file":
+        document[table]["cert_file"] = TLS_FILES["client.pem"]
     config = parse_config(document)
     proxy = config.build_proxy({})
     if table == "server":
@@ -307,6 +340,7 @@ def from_file(table: str, key: str, value: Any) -> Any:
         "limits": lambda: proxy._limits,
         "admin": lambda: AdminOptions(**config.section(table)),
         "state": lambda: proxy.state,
+        "tls": lambda: proxy.tls,
     }
     return views[table]()
 

@@ -14,7 +14,7 @@ API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 PUBLIC_MODULES = {
     "admin", "balancer", "cli", "client", "config", "dashboard", "demo", "health", "lease",
     "metrics", "middleware",
-    "options", "proxy", "redis_state", "state", "status", "sticky", "types", "upstream",
+    "options", "proxy", "redis_state", "state", "status", "sticky", "tls", "types", "upstream",
 }  # fmt: skip
 
 
