@@ -106,9 +106,11 @@ def uvicorn_app(
     extra_env: dict[str, str] | None = None,
     root: Path = ROOT,
     http: str = "auto",
+    workers: int = 1,
 ) -> Iterator[int]:
-    """One uvicorn worker (uvloop, and httptools where installed unless ``http`` says h11)
-    serving an app factory from the source tree ``root``; yields its pid."""
+    """uvicorn (uvloop, and httptools where installed unless ``http`` says h11) serving an app
+    factory from the source tree ``root`` with ``workers`` worker processes; yields its pid
+    (with several workers, the supervisor's: see :func:`worker_pids`)."""
     env = dict(os.environ, BENCH_UPSTREAMS=",".join(upstreams), PYTHONPATH=str(root))
     env.update(extra_env or {})
     command = [
@@ -129,6 +131,8 @@ def uvicorn_app(
         "--http",
         http,
     ]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     process = subprocess.Popen(command, env=env, cwd=root)
     try:
         wait_for_port(port)
@@ -146,6 +150,17 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The worker processes under a uvicorn supervisor (``pid`` itself with one worker)."""
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    workers = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return workers or [pid]
 
 
 def peak_rss_mib(pid: int) -> float:

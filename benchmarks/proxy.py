@@ -1,6 +1,6 @@
 """Requests per second through each proxy, against three nginx upstreams, in one run.
 
-    python benchmarks/proxy.py [--seconds 10] [--rounds 3] [--only ours,asgiproxy]
+    python benchmarks/proxy.py [--seconds 10] [--rounds 3] [--only ours,asgiproxy] [--workers N]
 
 Needs nginx and wrk (Debian: nginx-light, wrk) and the peers in benchmarks/requirements.txt.
 Everything runs on 127.0.0.1 and shares this machine's cores: read the ratios, which are measured
@@ -21,11 +21,13 @@ from harness import (
     machine,
     median_result,
     nginx,
+    peak_rss_mib,
     require,
     selected,
     start_upstreams,
     uvicorn_app,
     wait_for_port,
+    worker_pids,
     wrk,
 )
 
@@ -39,6 +41,7 @@ PYTHON_PROXIES = {
     "minimal raw-ASGI proxy on aiohttp": "benchmarks.apps:minimal_aiohttp",
     "minimal raw-ASGI proxy on httpx": "benchmarks.apps:minimal_httpx",
     "minimal raw-ASGI proxy on our lean client": "benchmarks.apps:minimal_lean",
+    "asgi-leasttime with shared state": "benchmarks.apps:ours_with_state",
 }
 CONNECTIONS = (1, 8, 64)
 
@@ -48,12 +51,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", help="comma-separated names of Python proxies to run")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn workers, and nginx worker_processes"
+    )
     args = parser.parse_args()
     require("nginx", "wrk")
     proxies = {name: PYTHON_PROXIES[name] for name in selected(PYTHON_PROXIES, args.only)}
 
     results: dict[str, dict[int, list[WrkResult]]] = defaultdict(lambda: defaultdict(list))
+    memory: dict[str, list[float]] = defaultdict(list)  # peak RSS of each worker, MiB
     with contextlib.ExitStack() as stack:
+        env = {}
+        if "asgi-leasttime with shared state" in proxies:  # a private valkey, as serve starts one
+            from asgi_leasttime._private_store import private_store
+
+            env["BENCH_STATE_URL"] = stack.enter_context(private_store())
         ports = start_upstreams(stack)
         upstreams = [f"http://127.0.0.1:{port}" for port in ports]
         nginx_port = free_port()
@@ -64,7 +76,7 @@ def main() -> None:
             f" server {{ listen 127.0.0.1:{nginx_port}; location / {{ proxy_pass http://pool;"
             ' proxy_http_version 1.1; proxy_set_header Connection ""; } }'
         )
-        stack.enter_context(nginx(balancer))
+        stack.enter_context(nginx(balancer, workers=args.workers))
         wait_for_port(nginx_port)
         fixed = {
             "direct to one upstream": upstreams[0],
@@ -77,30 +89,40 @@ def main() -> None:
                     results[name][connections].append(wrk(url + "/", connections, args.seconds))
             for name, factory in proxies.items():
                 port = free_port()
-                with uvicorn_app(factory, upstreams, port):
+                with uvicorn_app(factory, upstreams, port, env, workers=args.workers) as pid:
                     url = f"http://127.0.0.1:{port}/"
                     wrk(url, 8, 1.0)  # warm up: connections, imports, caches
                     for connections in CONNECTIONS:
                         results[name][connections].append(wrk(url, connections, args.seconds))
+                    memory[name] += [peak_rss_mib(worker) for worker in worker_pids(pid)]
                 print(f"  {name}: done", flush=True)
-    report(results, args)
+    report(results, args, memory)
 
 
-def report(results: dict[str, dict[int, list[WrkResult]]], args: argparse.Namespace) -> None:
+def report(
+    results: dict[str, dict[int, list[WrkResult]]],
+    args: argparse.Namespace,
+    memory: dict[str, list[float]],
+) -> None:
     medians = {
         name: {c: median_result(r) for c, r in by_c.items()} for name, by_c in results.items()
     }
     today = datetime.date.today().isoformat()
     print(f"\n## Requests per second, {today}\n")
-    print(f"{machine()}; wrk {args.seconds:g} s per figure, median of {args.rounds} rounds.\n")
-    print("| target | c1 | c8 | c64 | c64 p50 / p99 ms | c1 p50 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"{machine()}; wrk {args.seconds:g} s per figure, median of {args.rounds} rounds;"
+        f" {args.workers} uvicorn worker(s) per Python proxy, nginx worker_processes"
+        f" {args.workers}.\n"
+    )
+    print("| target | c1 | c8 | c64 | c64 p50 / p99 ms | c1 p50 ms | errors | RSS/worker MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, by_c in medians.items():
         c1, c8, c64 = (by_c[c] for c in CONNECTIONS)
         errors = sum(r.errors for r in by_c.values())
+        rss = f"{max(memory[name]):.0f}" if memory.get(name) else ""
         print(
             f"| {name} | {c1.rps:,.0f} | {c8.rps:,.0f} | {c64.rps:,.0f} "
-            f"| {c64.p50_ms:.2f} / {c64.p99_ms:.2f} | {c1.p50_ms:.3f} | {errors} |"
+            f"| {c64.p50_ms:.2f} / {c64.p99_ms:.2f} | {c1.p50_ms:.3f} | {errors} | {rss} |"
         )
     ours = medians.get("asgi-leasttime")
     if ours is None:
