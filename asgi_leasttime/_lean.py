@@ -27,6 +27,7 @@ import httpx
 
 from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.client import DEFAULT_LIMITS
+from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.types import Headers
 
 __all__ = ["LeanClient", "LeanResponse"]
@@ -443,13 +444,11 @@ class LeanClient:
         *,
         timeout: httpx.Timeout,
         limits: httpx.Limits = DEFAULT_LIMITS,
-        tls: ssl.SSLContext | None = None,
-        server_name: str | None = None,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.timeout = timeout
         self.limits = limits
-        self.tls = tls  # for https upstreams (asyncio's own TLS)
-        self.server_name = server_name
+        self.tls = tls if tls is not None else UpstreamTLS()  # for https (asyncio's own TLS)
         self._pools: dict[tuple[str, int, bool], _Pool] = {}
         self._deadlines = _read_deadlines(timeout.read)
 
@@ -467,10 +466,8 @@ class LeanClient:
         wrong."""
         pool = self._pools.get((host, port, https))
         if pool is None:
-            tls = self.tls if https else None
-            if https and tls is None:
-                tls = self.tls = ssl.create_default_context()
-            pool = _Pool(host, port, self.limits, tls, self.server_name)
+            context = self.tls.context if https else None
+            pool = _Pool(host, port, self.limits, context, self.tls.server_name)
             self._pools[(host, port, https)] = pool
         connection = await pool.connect(self.timeout)
         shown_port = None if port == (443 if https else 80) else port

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from asgi_leasttime.options import check_not_negative, check_positive
+from asgi_leasttime.tls import UpstreamTLS
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -99,20 +100,16 @@ class PerOriginTransport(httpx.AsyncBaseTransport):
     """
 
     def __init__(
-        self, *, limits: httpx.Limits = DEFAULT_LIMITS, ssl_context: ssl.SSLContext | None = None
+        self, *, limits: httpx.Limits = DEFAULT_LIMITS, tls: UpstreamTLS | None = None
     ) -> None:
         self._limits = limits
         self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
-        self._ssl_context = ssl_context
+        self._tls = tls if tls is not None else UpstreamTLS()
 
     def _new_pool(self, scheme: bytes) -> httpx.AsyncHTTPTransport:
         # httpx builds an SSL context (tens of milliseconds) for every transport unless given
-        # one: build it once, and only when an https upstream needs it.
-        verify: ssl.SSLContext | bool = False
-        if scheme == b"https":
-            if self._ssl_context is None:
-                self._ssl_context = httpx.create_ssl_context()
-            verify = self._ssl_context
+        # one: the proxy's, built once and only when an https upstream needs it.
+        verify: ssl.SSLContext | bool = self._tls.context if scheme == b"https" else False
         return httpx.AsyncHTTPTransport(limits=self._limits, verify=verify)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -135,16 +132,16 @@ def create_client(
     timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     limits: httpx.Limits = DEFAULT_LIMITS,
     transport: httpx.AsyncBaseTransport | None = None,
-    ssl_context: ssl.SSLContext | None = None,
+    tls: UpstreamTLS | None = None,
 ) -> httpx.AsyncClient:
     """The client a :class:`~asgi_leasttime.LeastTimeProxy` makes when it is given none.
 
-    Per-upstream pools (unless ``transport`` replaces them) verifying https upstreams with
-    ``ssl_context`` (httpx's default if none), explicit timeouts, no cookies, no redirects
-    followed, and no proxy settings read from the environment.
+    Per-upstream pools (unless ``transport`` replaces them) speaking TLS to https upstreams as
+    ``tls`` says (by default verified against the system's CA store), explicit timeouts, no
+    cookies, no redirects followed, and no proxy settings read from the environment.
     """
     client = httpx.AsyncClient(
-        transport=transport or PerOriginTransport(limits=limits, ssl_context=ssl_context),
+        transport=transport or PerOriginTransport(limits=limits, tls=tls),
         timeout=timeout,
         follow_redirects=False,
         trust_env=False,

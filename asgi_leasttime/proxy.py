@@ -160,12 +160,7 @@ class LeastTimeProxy:
         if upstream_client == "lean" and client is None and transport is None:
             from asgi_leasttime._lean import LeanClient
 
-            self._lean = LeanClient(
-                timeout=timeout,
-                limits=limits,
-                tls=self.tls.context,
-                server_name=self.tls.server_name,
-            )
+            self._lean = LeanClient(timeout=timeout, limits=limits, tls=self.tls)
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
@@ -313,7 +308,7 @@ class LeastTimeProxy:
                 timeout=self._timeout,
                 limits=self._limits,
                 transport=self._transport,
-                ssl_context=self.tls.context,
+                tls=self.tls,
             )
         return self._client
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from asgi_leasttime.options import OptionError
 
@@ -37,7 +37,6 @@ class UpstreamTLS:
     key_file: str | None = None
     server_name: str | None = None
     insecure_skip_verify: bool = False
-    _context: ssl.SSLContext = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.root_cas, str):
@@ -45,13 +44,19 @@ class UpstreamTLS:
         if self.key_file is not None and self.cert_file is None:
             raise OptionError("key_file", "needs a cert_file")
         object.__setattr__(self, "root_cas", tuple(self.root_cas))
-        object.__setattr__(self, "_context", self._build())
+        if self.root_cas or self.cert_file is not None:
+            self.context  # noqa: B018 - files load now: one that cannot is an error at start
 
     @property
     def context(self) -> ssl.SSLContext:
-        """The SSL context, built once when the options are given (loading CAs takes tens of
-        milliseconds, and a file that cannot be loaded is an error then, not at a request)."""
-        return self._context
+        """The SSL context, built once: when files are given, at once; otherwise on first use,
+        since loading the system's CA store takes tens of milliseconds that a proxy with no
+        https upstream need not pay."""
+        built = self.__dict__.get("_built")
+        if built is None:
+            built = self._build()
+            object.__setattr__(self, "_built", built)
+        return built
 
     def _build(self) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)

@@ -190,3 +190,9 @@ def test_verification_is_on_by_default() -> None:
     context = UpstreamTLS().context
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname
+
+
+def test_the_system_store_is_loaded_only_when_an_https_upstream_needs_it() -> None:
+    proxy = LeastTimeProxy(upstreams=["http://127.0.0.1:9"])
+    assert "_built" not in proxy.tls.__dict__  # tens of milliseconds not spent
+    assert proxy.tls.context is proxy.tls.context  # built once when asked
