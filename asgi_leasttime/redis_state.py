@@ -96,6 +96,7 @@ class RedisState(StateStore):
         self._epoch: bytes | str | None = None  # which life of the server the versions are of
         self._outage_logged = False
         self._ignored_at = 0.0
+        self._stopping = False  # the proxy's lifespan is ending: every loop ends
 
     @property
     def connected(self) -> bool:
@@ -111,17 +112,23 @@ class RedisState(StateStore):
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """Follow the server's changes and write this process's for the proxy's lifespan."""
+        self._stopping = False
         tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._write_pending())]
         if self.report_every is not None:
             tasks.append(asyncio.create_task(self._report()))
         try:
             yield
         finally:
+            # A cancellation that arrives inside a redis-py command can come out as a
+            # connection error, which the loops take for an outage and go on: each loop also
+            # stops at this flag, and the wait is bounded, so a shutdown never hangs on one.
+            self._stopping = True
+            self._wake_writer.set()
             for task in tasks:
                 task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            for task in stuck:
+                logger.warning("state store: %r did not stop; left behind", task)
             await self._give_up_probes()
             await self._client.aclose()
 
@@ -156,7 +163,7 @@ class RedisState(StateStore):
         assert self.report_every is not None
         key = self._key(f"load:{self._id.decode()}")
         expiry = max(int(3 * self.report_every * 1000), 1000)
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.report_every)
             if not self._connected or self.proxy is None:
                 continue
@@ -265,7 +272,7 @@ class RedisState(StateStore):
                     continue
 
     async def _write_pending(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             while self._pending and self._connected:
@@ -283,14 +290,14 @@ class RedisState(StateStore):
 
     async def _follow(self) -> None:
         pause = BACKOFF_FIRST
-        while True:
+        while not self._stopping:
             try:
                 async with self._client.pubsub() as pubsub:
                     await pubsub.subscribe(self._key("changes"))
                     await self._load_all()  # after subscribing: nothing falls in between
                     self._reached()
                     pause = BACKOFF_FIRST
-                    while True:
+                    while not self._stopping:
                         message = await pubsub.get_message(
                             ignore_subscribe_messages=True, timeout=None
                         )
@@ -360,7 +367,7 @@ class RedisState(StateStore):
 
     def _lost(self, exc: BaseException) -> None:
         self._connected = False
-        if not self._outage_logged:
+        if not self._outage_logged and not self._stopping:
             self._outage_logged = True
             logger.warning(
                 "state store %s unreachable (%r): serving on the last known state, retrying",

@@ -386,3 +386,29 @@ async def test_a_shared_ejection_with_probes_ends_in_every_process(store: StoreS
         await eject_through(clients[0], proxies[0])
         failing.fail_with = None
         await wait_until(lambda: all(p.balancer["a"].up for p in proxies), 2.0)
+
+
+async def test_a_loop_that_swallows_its_cancellation_does_not_hold_up_the_shutdown(
+    store: StoreServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cancellation that arrives inside a redis-py command can come out as a connection
+    error, and a loop that takes it for an outage goes on: a CI run hung at shutdown on one."""
+    import asyncio
+
+    state = RedisState(store.url, report_every=0.05)
+    released = False
+
+    async def stubborn() -> None:
+        while not released:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+
+    state._report = stubborn  # type: ignore[method-assign]
+    proxy = LeastTimeProxy(upstreams=["http://127.0.0.1:9"], state=state)
+    try:
+        with anyio.fail_after(10):
+            async with proxy.lifespan():
+                await wait_until(lambda: state.connected)
+        assert "did not stop" in caplog.text
+    finally:
+        released = True
