@@ -297,6 +297,8 @@ class _Pool:
         self.host, self.port = host, port
         self.tls = tls
         self.server_name = (server_name or host) if tls is not None else None
+        # The port in a Host header the lean client writes: none when it is the scheme's own.
+        self.shown_port = None if port == (80 if tls is None else 443) else port
         self.idle: list[tuple[float, _Connection]] = []  # (idle since, connection)
         self.limit = limits.max_connections or 512
         self.idle_limit = limits.max_keepalive_connections
@@ -470,7 +472,7 @@ class LeanClient:
             pool = _Pool(host, port, self.limits, context, self.tls.server_name)
             self._pools[(host, port, https)] = pool
         connection = await pool.connect(self.timeout)
-        shown_port = None if port == (443 if https else 80) else port
+        shown_port = pool.shown_port
         try:
             connection.head_only = method == "HEAD"
             if body is None:

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -47,6 +48,16 @@ def wait_for_port(port: int, process: subprocess.Popen[Any], limit: float = 20) 
             return
         time.sleep(0.05)
     raise AssertionError(f"nothing listens on {port} after {limit} s")
+
+
+def serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """``asgi-leasttime serve ARGS`` on a free port, with ``env`` added to the environment;
+    returns the process and the port once it listens."""
+    port = free_port()
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", *args, "--port", str(port)]
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})})
+    wait_for_port(port, process)
+    return process, port
 
 
 @contextlib.asynccontextmanager

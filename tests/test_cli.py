@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import UpstreamApp, free_port, running_in_thread, wait_for_port
+from tests.servers import UpstreamApp, free_port, running_in_thread, serve, wait_for_port
 
 
 @pytest.fixture
@@ -26,14 +26,6 @@ def upstream_urls() -> Iterator[list[str]]:
         running_in_thread(UpstreamApp("b", delay=0.0)) as b,
     ):
         yield [a, b]
-
-
-def serve(*args: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", *args, "--port", str(port)]
-    process = subprocess.Popen(command, env=dict(os.environ))
-    wait_for_port(port, process)
-    return process, port
 
 
 def test_serve_from_upstream_urls_proxies_real_traffic(upstream_urls: list[str]) -> None:
@@ -191,12 +183,9 @@ def test_several_workers_share_one_state_out_of_the_box(tmp_path: Path) -> None:
             f'[[upstreams]]\nurl = "{a}"\nname = "a"\n[[upstreams]]\nurl = "{b}"\nname = "b"\n'
             f"[admin]\nport = {admin_port}\n"
         )
-        port = free_port()
-        command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
-        environ = dict(os.environ, ASGI_LEASTTIME_ADMIN_TOKEN=token)
-        process = subprocess.Popen([*command, "--workers", "2", "--port", str(port)], env=environ)
+        environ = {"ASGI_LEASTTIME_ADMIN_TOKEN": token}
+        process, port = serve(str(config), "--workers", "2", env=environ)
         try:
-            wait_for_port(port, process)
             wait_for_port(admin_port, process)
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
                 assert {client.get("/").headers["x-upstream"] for _ in range(40)} == {"a", "b"}

@@ -21,7 +21,7 @@ from starlette.routing import Mount
 
 from asgi_leasttime import LeastTimeProxy, Upstream
 from asgi_leasttime.metrics import AdminApp
-from tests.servers import UpstreamApp, free_port, running_in_thread, wait_for_port
+from tests.servers import UpstreamApp, free_port, running_in_thread, serve, wait_for_port
 
 TOKEN = "a-token-of-at-least-16-characters"
 SCREENSHOTS = Path(__file__).parent.parent / "docs" / "images"
@@ -238,16 +238,14 @@ def test_a_drain_clicked_on_the_page_reaches_every_worker(page: Page, tmp_path: 
     config = tmp_path / "lb.toml"
     with running_in_thread(a) as a_url, running_in_thread(b) as b_url:
         urls = {"a": httpx.URL(a_url), "b": httpx.URL(b_url)}
-        admin_port, port = free_port(), free_port()
+        admin_port = free_port()
         config.write_text(
             "".join(f'[[upstreams]]\nurl = "{u}"\nname = "{n}"\n' for n, u in urls.items())
             + f"[admin]\nport = {admin_port}\n"
         )
-        command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
-        environ = dict(os.environ, ASGI_LEASTTIME_ADMIN_TOKEN=TOKEN)
-        process = subprocess.Popen([*command, "--workers", "2", "--port", str(port)], env=environ)
+        environ = {"ASGI_LEASTTIME_ADMIN_TOKEN": TOKEN}
+        process, port = serve(str(config), "--workers", "2", env=environ)
         try:
-            wait_for_port(port, process)
             wait_for_port(admin_port, process)
             page.goto(f"http://127.0.0.1:{admin_port}/dashboard")
             expect(row(page, "a").locator(".status")).to_have_text("▲ up")  # type: ignore[attr-defined]
