@@ -41,9 +41,13 @@ from asgi_leasttime.options import OptionError
 __all__ = [
     "EXACT_UP_TO",
     "QUEUEING_FLOOR",
+    "QUEUEING_PRIOR",
+    "RECHECK_FIRST",
+    "RECHECK_MAX",
     "SAMPLED_CHOICES",
     "SAMPLE_SIZE",
     "SOURCES",
+    "SURE_AFTER",
     "Balancer",
     "Mode",
     "NoAvailableServer",
@@ -63,15 +67,32 @@ SAMPLE_SIZE = 100
 """How many of a server's most recent TTFB samples make its average (Traefik's ``sampleSize``)."""
 
 EXACT_UP_TO = 64
-"""Default mode: pools of up to this many available servers are scanned whole on every pick;
-larger ones compare :data:`SAMPLED_CHOICES` servers drawn at random (see ``benchmarks/pick.py``
-and the large-pool scenario of ``benchmarks/sim``)."""
+"""A threshold for ``Balancer(exact_up_to=...)`` where a pick's cost matters more than its
+quality (pools of thousands): above it a pick compares :data:`SAMPLED_CHOICES` servers drawn at
+random, at about 1.1 us whatever the size, against 59 us for a scan of 1,000. By default every
+pick scans every server, which balances better at any size the simulator tried (see the
+large-pool scenarios of ``benchmarks/sim``)."""
 
 SAMPLED_CHOICES = 4
 """How many servers a sampled pick compares."""
 
 QUEUEING_FLOOR = 0.5
 """Default mode: the least one request in flight weighs in a score, against Traefik's 1."""
+
+QUEUEING_PRIOR = 10
+"""Default mode: how many samples' worth of Traefik's weight 1 the learned weight is set
+against (see :attr:`Server.queueing`)."""
+
+SURE_AFTER = 3
+"""Default mode: a server with fewer samples since it was cold or stale takes one request at a
+time."""
+
+RECHECK_FIRST = 2.0
+"""Default mode: seconds without a sample after which a server out of favour is probed again."""
+
+RECHECK_MAX = 8.0
+"""Default mode: the longest wait between such probes; each probe that leaves the server out of
+favour doubles the wait, up to this."""
 
 logger = logging.getLogger("asgi_leasttime")
 
@@ -106,8 +127,10 @@ class _Queueing:
     time. That holds for a server with one worker; one with many answers several at once, and
     counting them in full sends work to slower servers that are merely idle. From the samples in
     the average: the mean TTFB of requests sent while others were in flight, over that of
-    requests sent alone, less 1, per request alongside. Clamped between QUEUEING_FLOOR and 1;
-    1 until there are 5 samples of each kind.
+    requests sent alone, less 1, per request alongside, clamped between QUEUEING_FLOOR and 1.
+    That estimate is noisy when either kind of sample is scarce (a busy server with a few
+    workers is seldom alone), and one that comes out too low piles requests up on the server:
+    it counts as many samples as the rarer kind has, against QUEUEING_PRIOR samples of 1.
     """
 
     __slots__ = ("alone", "alone_sum", "alongside_sum", "factor", "shared", "shared_sum")
@@ -129,10 +152,12 @@ class _Queueing:
             self.alongside_sum += sign * alongside
         else:
             return
-        if self.alone >= 5 and self.shared >= 5 and self.alone_sum > 0:
+        evidence = min(self.alone, self.shared)
+        if evidence and self.alone_sum > 0:
             slowdown = (self.shared_sum / self.shared) / (self.alone_sum / self.alone) - 1
             per_request = slowdown * self.shared / self.alongside_sum
-            self.factor = min(1.0, max(QUEUEING_FLOOR, per_request))
+            learned = min(1.0, max(QUEUEING_FLOOR, per_request))
+            self.factor = (learned * evidence + QUEUEING_PRIOR) / (evidence + QUEUEING_PRIOR)
         else:
             self.factor = 1.0
 
@@ -158,6 +183,7 @@ class Server:
         "_inflight",
         "_last_sample_at",
         "_queueing",
+        "_recheck",
         "_requests",
         "_sample_times",
         "_samples",
@@ -192,7 +218,8 @@ class Server:
         self._average = 0.0  # in the mode's unit: milliseconds for "traefik", seconds otherwise
         self._scale = scale  # seconds per unit of _average
         self._last_sample_at = 0.0
-        self._stale = False  # default mode: no sample for stale_after seconds, due a probe
+        self._stale = False  # default mode: no recent sample, due a probe
+        self._recheck = RECHECK_FIRST  # default mode: seconds without a sample before that
         self._score = 0.0  # kept current by the balancer, in the unit of _average
         self._slot = -1  # position in the balancer's list of available servers, -1 if none
 
@@ -333,8 +360,7 @@ class Balancer:
         failure_penalty: default mode only. Seconds recorded as the TTFB of a failed request.
         exact_up_to: default mode only. With more available servers than this, a pick compares
             ``choices`` servers drawn at random instead of every server: the pick's cost stops
-            growing with the pool, and many proxies sharing the servers stop herding onto the
-            same one.
+            growing with the pool, at some cost in balance. Unbounded by default.
         choices: how many servers a sampled pick compares.
         rng: the random source of sampled picks (tests and simulations pass a seeded one).
     """
@@ -347,7 +373,7 @@ class Balancer:
         clock: Callable[[], float] = time.perf_counter,
         stale_after: float = 5.0,
         failure_penalty: float = 1.0,
-        exact_up_to: int = EXACT_UP_TO,
+        exact_up_to: float = math.inf,
         choices: int = SAMPLED_CHOICES,
         rng: random.Random | None = None,
     ) -> None:
@@ -568,25 +594,34 @@ class Balancer:
         return slot
 
     def _rescore(self, server: Server) -> None:
-        if (server._count == 0 or server._stale) and not self._traefik:
-            # Nothing known (cold) or nothing recent (stale): one probe, then wait for its answer.
-            score = math.inf if server._inflight else 0.0
-        else:
+        if self._traefik or (server._count >= SURE_AFTER and not server._stale):
             # Traefik mode records no "alongside", so its factor stays 1.
             queueing = server._queueing.factor
             inflight = server._inflight + server._elsewhere
             score = server._average * (1 + queueing * inflight) / server._weight
+        elif server._inflight:
+            # Too little known: one request at a time, so one lucky sample cannot draw a flood.
+            score = math.inf
+        elif server._count == 0 or server._stale:
+            score = 0.0  # nothing known (cold) or nothing recent (stale): probe it now
+        else:
+            score = server._average / server._weight
         server._score = score
         if server._slot >= 0:
             self._scores[server._slot] = score
 
     def _find_stale_servers(self) -> None:
+        """Mark for a probe the servers with no sample for ``stale_after`` seconds, or for their
+        recheck wait: one out of favour gets no traffic, so only a probe can show it recovered."""
         now = self.clock()
-        self._next_staleness_check = now + self.stale_after / 8
-        stale_since = now - self.stale_after
+        self._next_staleness_check = now + min(self.stale_after, RECHECK_FIRST) / 8
         for server in self._available:
-            if server._count and not server._stale and server._last_sample_at < stale_since:
+            if not server._count or server._stale:
+                continue
+            wait = min(self.stale_after, server._recheck)
+            if server._last_sample_at < now - wait:
                 server._stale = True
+                server._recheck = min(2 * server._recheck, RECHECK_MAX)
                 self._rescore(server)
 
     # -- counting and timing ----------------------------------------------------------------------
@@ -657,8 +692,15 @@ class Balancer:
             server._add_sample(float(round(seconds * 1e9) // 1_000_000))
         else:
             now = self.clock()
-            server._expire_before(now - self.stale_after)
-            server._stale = False
+            if server._stale:
+                # A probe's answer starts the history afresh: older samples describe a server
+                # that may have changed since (recovered, or slowed down).
+                server._expire_before(math.inf)
+                server._stale = False
+            else:
+                server._expire_before(now - self.stale_after)
+            if now - server._last_sample_at < RECHECK_FIRST:
+                server._recheck = RECHECK_FIRST  # in favour again: back to the first wait
             server._last_sample_at = now
             server._add_sample(seconds, now, -1 if alongside is None else alongside)
         self._rescore(server)

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from asgi_leasttime import Balancer, NoAvailableServer, Server, UnknownServer
+from asgi_leasttime.balancer import QUEUEING_PRIOR, RECHECK_FIRST, RECHECK_MAX, SURE_AFTER
 
 
 class FakeClock:
@@ -161,16 +162,20 @@ def test_all_cold_with_probes_out_spread_by_deadline() -> None:
     assert Counter(balancer.acquire().server.name for _ in range(9)) == {"a": 4, "b": 3, "c": 2}
 
 
-def test_recovered_server_is_probed_again_and_trusted() -> None:
+@pytest.mark.parametrize("stale_after", [1, 5, 60, 600])
+def test_a_recovered_server_is_probed_again_and_trusted_whatever_stale_after(
+    stale_after: float,
+) -> None:
     clock = FakeClock()
-    balancer = balancer_with("steady", "flaky", clock=clock)
+    balancer = balancer_with("steady", "flaky", clock=clock, stale_after=stale_after)
     speeds = {"steady": 0.010, "flaky": 0.200}
     answer(balancer, speeds, 50)
     assert answer(balancer, speeds, 20) == {"steady": 20}
     speeds["flaky"] = 0.005  # recovered, but nothing tells the balancer
 
-    # One request every 100 ms: "flaky" has no fresh sample, so after stale_after (5 s, checked
-    # every 5/8 s) it is probed with one request.
+    # One request every 100 ms: "flaky" gets none, so after RECHECK_FIRST seconds without a
+    # sample (or stale_after, if shorter; checked every eighth of that) it is probed.
+    wait = min(stale_after, RECHECK_FIRST)
     probed_at = None
     for tick in range(1, 201):
         clock.now += 0.1
@@ -178,21 +183,49 @@ def test_recovered_server_is_probed_again_and_trusted() -> None:
             probed_at = tick / 10
             break
     assert probed_at is not None
-    assert 5.0 < probed_at <= 5.0 + 5 / 8 + 0.1
-    # Its stale samples are gone: the fresh one decides, and it now wins.
+    assert wait - 0.05 < probed_at <= wait + wait / 8 + 0.1
+    # The probe's answer starts its history afresh: the fresh sample decides, and it now wins.
     assert balancer["flaky"].average == pytest.approx(0.005)
+    assert balancer["flaky"].sample_count == 1
     assert answer(balancer, speeds, 10) == {"flaky": 10}
 
 
-def test_a_server_still_slow_costs_one_probe_per_period() -> None:
+def test_a_server_still_slow_is_probed_ever_less_often() -> None:
     clock = FakeClock()
-    balancer = balancer_with("steady", "slow", clock=clock)
+    balancer = balancer_with("steady", "slow", clock=clock, stale_after=600)
     speeds = {"steady": 0.010, "slow": 0.200}
-    served: Counter[str] = Counter()
-    for _ in range(600):  # 60 s at 10 requests a second
+    answer(balancer, speeds, 2 * SURE_AFTER)  # both known; "slow" is then out of favour
+    probes = []
+    for tick in range(1, 601):  # 60 s at 10 requests a second
         clock.now += 0.1
-        served += answer(balancer, speeds, 1)
-    assert 9 <= served["slow"] <= 12  # one probe per ~5.6 s, plus the first cold probe
+        if answer(balancer, speeds, 1)["slow"]:
+            probes.append(tick / 10)
+    gaps = [later - earlier for earlier, later in zip([0.0, *probes], probes, strict=False)]
+    # Each probe that leaves it out of favour doubles the wait (checked every quarter second),
+    # up to RECHECK_MAX.
+    expected = [RECHECK_FIRST, 2 * RECHECK_FIRST, 4 * RECHECK_FIRST] + [RECHECK_MAX] * 5
+    assert len(gaps) == len(expected)
+    for gap, wait in zip(gaps, expected, strict=True):
+        assert wait < gap <= wait + 0.35
+
+
+def test_a_server_probed_afresh_takes_one_request_at_a_time_until_sure() -> None:
+    balancer = balancer_with("known")
+    answer(balancer, {"known": 0.050}, SURE_AFTER)
+    lucky = balancer.add("lucky")
+    assert lucky is not None
+    first = balancer.acquire().server
+    assert first is lucky
+    balancer.record_ttfb(lucky, 0.001)  # one lucky sample, the request still streaming
+    # It looks 50 times faster, yet it gets no second request while its first is out.
+    assert {balancer.acquire().server.name for _ in range(5)} == {"known"}
+    balancer.release(lucky)
+    for _ in range(SURE_AFTER - 1):
+        assert balancer.acquire().server is lucky
+        balancer.record_ttfb(lucky, 0.001)
+        balancer.release(lucky)
+    # Now sure of it: several at once.
+    assert [balancer.acquire().server for _ in range(3)] == [lucky] * 3
 
 
 def test_traefik_mode_never_retries_a_server_that_was_slow() -> None:
@@ -228,6 +261,9 @@ def test_weights_share_traffic_at_equal_speed() -> None:
     balancer = balancer_with()
     balancer.add("heavy", weight=3)
     balancer.add("light", weight=1)
+    for server in balancer:
+        for _ in range(SURE_AFTER):  # both known
+            balancer.record_ttfb(server, 0.010)
     served: Counter[str] = Counter()
     held: list[Server] = []
     for _ in range(40):  # concurrent load: in flight decides, weighted
@@ -249,7 +285,8 @@ def large_pool(size: int, **options: object) -> Balancer:
     for i in range(size):
         server = balancer.add(f"s{i}")
         assert server is not None
-        balancer.record_ttfb(server, 0.001 + i / size / 1000)
+        for _ in range(SURE_AFTER):
+            balancer.record_ttfb(server, 0.001 + i / size / 1000)
     return balancer
 
 
@@ -313,13 +350,15 @@ def test_a_server_that_answers_many_at_once_counts_its_requests_in_flight_less()
     silent = balancer["silent"]
     for _ in range(30):
         balancer.record_ttfb(silent, 0.010)  # nobody said what was in flight: Traefik's 1
-    assert parallel.queueing == 0.5  # no slowdown at all, held at the floor
+    # No slowdown at all: the floor, 0.5, from 10 samples of each kind, against the prior's 1.
+    weight = (0.5 * 10 + QUEUEING_PRIOR) / (10 + QUEUEING_PRIOR)
+    assert parallel.queueing == pytest.approx(weight)
     assert serial.queueing == 1.0  # each request alongside adds a whole answer
     assert silent.queueing == 1.0
     for server in (parallel, serial):
         balancer.track(server)
         balancer.track(server)
-    assert parallel.score == pytest.approx(0.010 * (1 + 0.5 * 2))
+    assert parallel.score == pytest.approx(0.010 * (1 + weight * 2))
     assert serial.score == pytest.approx(0.020 * (1 + 2))  # its average is 20 ms
 
 
@@ -329,7 +368,10 @@ def test_the_learned_weight_needs_samples_of_both_kinds_and_follows_the_window()
     server = feed(balancer, "a", {1: 0.010}, 20)
     assert server.queueing == 1.0  # nothing sent alone yet: no comparison
     feed(balancer, "a", {0: 0.010}, 5)
-    assert server.queueing == 0.5
+    # Learned 0.5 from 5 samples sent alone, against QUEUEING_PRIOR samples' worth of 1.
+    assert server.queueing == pytest.approx((0.5 * 5 + QUEUEING_PRIOR) / (5 + QUEUEING_PRIOR))
+    feed(balancer, "a", {0: 0.010}, 40)
+    assert server.queueing == pytest.approx((0.5 * 20 + QUEUEING_PRIOR) / (20 + QUEUEING_PRIOR))
     clock.now += 10  # past stale_after: the old samples no longer count
     feed(balancer, "a", {0: 0.010, 3: 0.040}, 5)
     assert server.queueing == 1.0  # now three alongside cost three answers

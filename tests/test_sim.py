@@ -7,7 +7,13 @@ from dataclasses import replace
 from benchmarks.sim.engine import simulate
 from benchmarks.sim.policies import LARGE_POOL_POLICIES, POLICIES
 from benchmarks.sim.run import metrics_of, share_between
-from benchmarks.sim.scenarios import cold_join, degrade_and_recover, fail_fast, large_pool
+from benchmarks.sim.scenarios import (
+    cold_join,
+    degrade_and_recover,
+    fail_fast,
+    large_pool_one_balancer,
+    slow_then_recovered,
+)
 
 
 def test_a_cold_slow_server_gets_one_probe_not_a_flood() -> None:
@@ -33,13 +39,21 @@ def test_a_fast_failing_server_loses_its_share_within_a_second() -> None:
     assert default["fail react s"] <= 1.0
 
 
-def test_a_large_pool_sampled_does_not_pile_onto_lucky_servers() -> None:
-    # 200 servers start cold; each answers its probe once, and with an exact scan the few whose
-    # one sample was lucky take request after request. Best of 4 at random does not.
-    scenario = replace(large_pool(1), duration=3.0)
-    exact = LARGE_POOL_POLICIES["default, exact scan"]
-    for seed in (1, 2, 3):
-        sampled_queue = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed))
-        exact_queue = metrics_of(scenario, simulate(scenario, exact, seed))
-        assert sampled_queue["max queue"] <= 15
-        assert exact_queue["max queue"] > 2 * sampled_queue["max queue"]
+def test_one_balancer_scans_a_large_pool_and_floods_no_lucky_server() -> None:
+    # 300 servers start cold; each answers its probe, and a few first samples are lucky. A
+    # server takes one request at a time until it has SURE_AFTER samples, so the exact scan (the
+    # default) no longer piles onto them, and beats best of 4 drawn at random.
+    scenario = replace(large_pool_one_balancer(), duration=3.0)
+    sampled = LARGE_POOL_POLICIES["default, best of 4"]
+    for seed in (1, 2):
+        exact = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed))
+        best_of_4 = metrics_of(scenario, simulate(scenario, sampled, seed))
+        assert exact["p50 ms"] < best_of_4["p50 ms"]
+        assert exact["p99 ms"] < best_of_4["p99 ms"]
+
+
+def test_a_recovered_server_gets_its_share_back_whatever_stale_after() -> None:
+    for stale_after in (5, 600):
+        scenario = slow_then_recovered(stale_after)
+        result = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed=1))
+        assert result["recover s"] <= 15

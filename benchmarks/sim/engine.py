@@ -51,6 +51,7 @@ class Scenario:
     # and ``hear`` take part.
     share_every: float = 0.0
     share_delay: float = 0.005
+    options: dict[str, Any] = field(default_factory=dict)  # for the default mode's Balancer
 
 
 @dataclass
@@ -87,7 +88,8 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
     by_name = {m.name: m for m in models}
     present = [m.name for m in models if m.joins_at <= 0]
     balancers = [
-        policy_factory(list(present), clock, policy_rng) for _ in range(scenario.balancers)
+        policy_factory(list(present), clock, policy_rng, **scenario.options)
+        for _ in range(scenario.balancers)
     ]
     joins = sorted((m.joins_at, m.name) for m in models if m.joins_at > 0)
 

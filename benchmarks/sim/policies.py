@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from asgi_leasttime import Balancer, Lease
+from asgi_leasttime.balancer import EXACT_UP_TO
 
 
 class BalancerPolicy:
@@ -75,9 +76,11 @@ class _Counted:
 
 
 class RoundRobin:
-    """Each server in turn."""
+    """Each server in turn. Options meant for the Balancer (``stale_after``) are ignored."""
 
-    def __init__(self, names: list[str], clock: Callable[[], float], rng: random.Random) -> None:
+    def __init__(
+        self, names: list[str], clock: Callable[[], float], rng: random.Random, **_: Any
+    ) -> None:
         self.servers = [_Counted(n) for n in names]
         self.next = 0
 
@@ -106,7 +109,9 @@ class RoundRobin:
 class P2CLeastRequest(RoundRobin):
     """Power of two choices: two servers at random, the one with fewer requests in flight."""
 
-    def __init__(self, names: list[str], clock: Callable[[], float], rng: random.Random) -> None:
+    def __init__(
+        self, names: list[str], clock: Callable[[], float], rng: random.Random, **_: Any
+    ) -> None:
         super().__init__(names, clock, rng)
         self.rng = rng
 
@@ -135,6 +140,7 @@ class P2CPeakEwma(P2CLeastRequest):
         rng: random.Random,
         decay: float = 10.0,
         penalty: float = 1.0,
+        **_: Any,
     ) -> None:
         super().__init__(names, clock, rng)
         self.clock = clock
@@ -160,19 +166,28 @@ class P2CPeakEwma(P2CLeastRequest):
         self.answered(server, max(ttfb, self.penalty))  # a failure is counted as slow
 
 
-POLICIES: dict[str, Callable[[list[str], Callable[[], float], random.Random], Any]] = {
-    "default": lambda n, c, r: BalancerPolicy(n, c, r, "leasttime"),
-    "traefik": lambda n, c, r: BalancerPolicy(n, c, r, "traefik"),
+Factory = Callable[..., Any]
+"""``factory(names, clock, rng, **scenario.options) -> policy``."""
+
+POLICIES: dict[str, Factory] = {
+    "default": lambda n, c, r, **o: BalancerPolicy(n, c, r, "leasttime", **o),
+    "traefik": lambda n, c, r, **o: BalancerPolicy(n, c, r, "traefik"),
     "round-robin": RoundRobin,
     "p2c-least-request": P2CLeastRequest,
     "p2c-peak-ewma": P2CPeakEwma,
 }
 
-# Compared only where they differ from "default": pools larger than its exact-scan limit.
-LARGE_POOL_POLICIES: dict[str, Callable[[list[str], Callable[[], float], random.Random], Any]] = {
-    "default, exact scan": lambda n, c, r: BalancerPolicy(
-        n, c, r, "leasttime", exact_up_to=1_000_000
+# Compared in the large pools: the sampled pick (above EXACT_UP_TO servers) against the scan.
+LARGE_POOL_POLICIES: dict[str, Factory] = {
+    "default, exact scan": lambda n, c, r, **o: BalancerPolicy(
+        n, c, r, "leasttime", **{**o, "exact_up_to": math.inf}
     ),
-    "default, 2 choices": lambda n, c, r: BalancerPolicy(n, c, r, "leasttime", choices=2),
-    "default, 8 choices": lambda n, c, r: BalancerPolicy(n, c, r, "leasttime", choices=8),
+    **{
+        f"default, best of {k}": (
+            lambda n, c, r, k=k, **o: BalancerPolicy(
+                n, c, r, "leasttime", **{**o, "exact_up_to": EXACT_UP_TO, "choices": k}
+            )
+        )
+        for k in (2, 4, 8)
+    },
 }

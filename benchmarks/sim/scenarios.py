@@ -118,6 +118,108 @@ def fail_fast() -> Scenario:
     )
 
 
+def few_workers(load: float) -> Scenario:
+    """Six servers of two workers, one 1.5x slower: a request in flight here delays the next
+    one often, and a queueing weight learned too low piles requests up behind a server."""
+
+    def servers() -> list[ServerModel]:
+        models = pool(6, 2, lognormal(MEAN, 0.6))
+        models[5].service = lognormal(MEAN * 1.5, 0.6)
+        return models
+
+    rate = load * 2 * (5 / MEAN + 1 / (1.5 * MEAN))
+    return Scenario(
+        f"six servers of 2 workers, one 1.5x slower, load {load}",
+        servers,
+        lambda t: rate,
+        30,
+        steady=True,
+        watch="s5",
+    )
+
+
+def cold_join_busy() -> Scenario:
+    """A server as fast as the others joins a pool at load 0.85 (a scale-out)."""
+
+    def servers() -> list[ServerModel]:
+        return [
+            *pool(8, 4, exponential(MEAN)),
+            ServerModel("new", 4, exponential(MEAN), joins_at=5),
+        ]
+
+    rate = 0.85 * 8 * 4 / MEAN  # 0.76 once the ninth has joined
+    return Scenario(
+        "new server joins a busy pool at 5 s",
+        servers,
+        lambda t: rate,
+        20,
+        steady=True,
+        watch="new",
+        events={"join": 5},
+    )
+
+
+def flapping(load: float) -> Scenario:
+    """One of ten servers fails fast (503 in 0.2 ms) for 2 s out of every 5, all run long."""
+
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, exponential(MEAN))
+        models[9].fails = lambda now: now % 5 >= 3
+        return models
+
+    rate = load * 40 / MEAN
+    return Scenario(
+        f"one server fails fast 2 s in every 5, load {load}",
+        servers,
+        lambda t: rate,
+        30,
+        steady=True,
+    )
+
+
+def large_pool_one_balancer(n: int = 300) -> Scenario:
+    """One balancer over ``n`` servers, 15 % of them 2.5x slower: it owns all the load."""
+    slow = set(range(0, n, 20)) | set(range(7, n, 20)) | set(range(13, n, 20))  # 15 %
+
+    def servers() -> list[ServerModel]:
+        return [
+            ServerModel(f"s{i}", 2, exponential(MEAN * (2.5 if i in slow else 1))) for i in range(n)
+        ]
+
+    rate = 0.8 * 2 * ((n - len(slow)) / MEAN + len(slow) / (2.5 * MEAN))
+    return Scenario(
+        f"one balancer over {n} servers, 15 % of them 2.5x slower",
+        servers,
+        lambda t: rate,
+        8,
+        steady=True,
+        large_pool=True,
+    )
+
+
+def slow_then_recovered(stale_after: float) -> Scenario:
+    """Two of ten servers 10x slower from 10 s to 25 s at load 0.5, so slow that they get no
+    traffic, with ``stale_after`` set: their share must come back soon after 25 s whatever the
+    setting."""
+
+    def servers() -> list[ServerModel]:
+        models = pool(10, 4, exponential(MEAN))
+        for model in models[8:]:
+            model.service = slower(exponential(MEAN), 10, 10, 25)
+        return models
+
+    rate = 0.5 * 40 / MEAN
+    return Scenario(
+        f"two servers 10x slower 10-25 s, stale_after {stale_after:g} s",
+        servers,
+        lambda t: rate,
+        45,
+        watch="s9",
+        events={"degrade": 10, "recover": 25},
+        options={"stale_after": stale_after},
+    )
+
+
 SHARE_EVERY = 0.1  # the shared state's default report interval
 SHARE_DELAY = 0.005  # its measured p99 propagation on loopback (benchmarks/state.py)
 
@@ -187,4 +289,10 @@ def all_scenarios() -> list[Scenario]:
         shared(bursts(8)),
         shared(large_pool(8)),
         shared(large_pool(8), every=0.02),
+        few_workers(0.75),
+        few_workers(0.9),
+        cold_join_busy(),
+        flapping(0.6),
+        large_pool_one_balancer(),
+        *(slow_then_recovered(stale_after) for stale_after in (1, 5, 60, 600)),
     ]
