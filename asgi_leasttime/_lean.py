@@ -219,15 +219,23 @@ class _Connection(asyncio.Protocol):
                 deadlines.discard(self)
 
     async def write(self, data: bytes, seconds: float | None) -> None:
+        if not self.write_nowait(data):
+            await self.drained(seconds)
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Hand ``data`` to the transport; whether it takes more now (else await drained)."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise self.error or httpx.WriteError("upstream connection closed")
         self.transport.write(data)
-        if not self.can_write.is_set():
-            try:
-                async with asyncio.timeout(seconds):
-                    await self.can_write.wait()
-            except TimeoutError:
-                raise httpx.WriteTimeout("upstream did not read for the write timeout") from None
+        return self.can_write.is_set()
+
+    async def drained(self, seconds: float | None) -> None:
+        """Until the upstream has read enough of what was written (flow control)."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self.can_write.wait()
+        except TimeoutError:
+            raise httpx.WriteTimeout("upstream did not read for the write timeout") from None
 
     def take_body(self) -> bytes:
         data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks.popleft()
@@ -333,10 +341,18 @@ class _Pool:
                 return
         self.active -= 1
 
-    async def connect(self, limits: httpx.Timeout) -> _Connection:
-        """An idle connection still fresh, or a new one."""
-        await self._take_slot(limits.pool)
-        loop = asyncio.get_running_loop()
+    def take_idle(self) -> _Connection | None:
+        """An idle connection still fresh, if one is there and a slot is free right now: the
+        usual case, with nothing to await."""
+        if not self.idle or self.active >= self.limit or self.waiting:
+            return None
+        self.active += 1
+        connection = self._fresh_idle(asyncio.get_running_loop())
+        if connection is None:
+            self._free_slot()
+        return connection
+
+    def _fresh_idle(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         fresh_since = loop.time() - self.keepalive_expiry
         while self.idle:
             idle_since, connection = self.idle.pop()
@@ -344,6 +360,15 @@ class _Pool:
                 connection._reset()
                 return connection
             connection.close()
+        return None
+
+    async def connect(self, limits: httpx.Timeout) -> _Connection:
+        """An idle connection still fresh, or a new one."""
+        await self._take_slot(limits.pool)
+        loop = asyncio.get_running_loop()
+        connection = self._fresh_idle(loop)
+        if connection is not None:
+            return connection
         try:
             async with asyncio.timeout(limits.connect):
                 _, connection = await loop.create_connection(
@@ -471,13 +496,14 @@ class LeanClient:
             context = self.tls.context if https else None
             pool = _Pool(host, port, self.limits, context, self.tls.server_name)
             self._pools[(host, port, https)] = pool
-        connection = await pool.connect(self.timeout)
+        connection = pool.take_idle() or await pool.connect(self.timeout)
         shown_port = pool.shown_port
         try:
             connection.head_only = method == "HEAD"
             if body is None:
                 head = _request_head(method, target, headers, host, shown_port, chunked=False)
-                await connection.write(head, self.timeout.write)
+                if not connection.write_nowait(head):
+                    await connection.drained(self.timeout.write)
             else:
                 try:
                     await self._write_with_body(

@@ -140,9 +140,9 @@ class _Queueing:
         self.alone_sum = self.shared_sum = 0.0
         self.factor = 1.0
 
-    def add(self, ttfb: float, alongside: int, sign: int = 1) -> None:
+    def count(self, ttfb: float, alongside: int, sign: int = 1) -> None:
         """Count a sample (``sign=-1``: forget one) sent with ``alongside`` others in flight;
-        ``alongside < 0``: not known, not counted."""
+        ``alongside < 0``: not known, not counted. :meth:`relearn` then updates the factor."""
         if alongside == 0:
             self.alone += sign
             self.alone_sum = self.alone_sum + sign * ttfb if self.alone else 0.0
@@ -150,8 +150,9 @@ class _Queueing:
             self.shared += sign
             self.shared_sum = self.shared_sum + sign * ttfb if self.shared else 0.0
             self.alongside_sum += sign * alongside
-        else:
-            return
+
+    def relearn(self) -> None:
+        """The factor from the samples counted."""
         evidence = min(self.alone, self.shared)
         if evidence and self.alone_sum > 0:
             slowdown = (self.shared_sum / self.shared) / (self.alone_sum / self.alone) - 1
@@ -320,10 +321,11 @@ class Server:
             self._sum += value
         else:
             self._sum += value - samples[index]
-            self._queueing.add(samples[index], self._alongside[index], -1)
+            self._queueing.count(samples[index], self._alongside[index], -1)
         samples[index] = value
         self._alongside[index] = alongside
-        self._queueing.add(value, alongside)
+        self._queueing.count(value, alongside)
+        self._queueing.relearn()
         self._sample_times[index] = at
         self._index = (index + 1) % SAMPLE_SIZE
         self._average = self._sum / self._count
@@ -331,13 +333,17 @@ class Server:
     def _expire_before(self, cutoff: float) -> None:
         """Drop the samples taken before ``cutoff``, oldest first (default mode)."""
         times = self._sample_times
+        expired = False
         while self._count:
             oldest = (self._index - self._count) % SAMPLE_SIZE
             if times[oldest] >= cutoff:
                 break
             self._count -= 1
             self._sum -= self._samples[oldest]
-            self._queueing.add(self._samples[oldest], self._alongside[oldest], -1)
+            self._queueing.count(self._samples[oldest], self._alongside[oldest], -1)
+            expired = True
+        if expired:
+            self._queueing.relearn()
         if self._count:
             self._average = self._sum / self._count
         else:

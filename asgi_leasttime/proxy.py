@@ -6,7 +6,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -415,13 +415,22 @@ class LeastTimeProxy:
         lease = balancer.acquire()
         return lease, [sticky.set_cookie_header(lease.server.name)]
 
-    async def _http(
+    def _http(
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+    ) -> Coroutine[Any, Any, None]:
+        # A plain function handing over a coroutine: one frame less on every request.
+        if self.metrics is None:
+            return self._forward(scope, receive, send, fallback)
+        return self._counted(self.metrics, scope, receive, send, fallback)
+
+    async def _counted(
+        self,
+        metrics: RequestMetrics,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        fallback: ASGIApp | None,
     ) -> None:
-        metrics = self.metrics
-        if metrics is None:
-            await self._forward(scope, receive, send, fallback)
-            return
         started = time.perf_counter()
         status = 499  # nginx's "client closed request": no response was started
 
