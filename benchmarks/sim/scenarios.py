@@ -51,21 +51,33 @@ def one_slow(load: float = 0.85) -> Scenario:
     return Scenario("one server 5x slower", servers, lambda t: rate, 30, steady=True, watch="s9")
 
 
-def degrade_and_recover(load: float) -> Scenario:
+def slow_spell(
+    load: float, slow: int, start: float, end: float, duration: float, **options: float
+) -> Scenario:
+    """The last ``slow`` of ten servers 10x slower from ``start`` to ``end``."""
+
     def servers() -> list[ServerModel]:
         models = pool(10, 4, exponential(MEAN))
-        models[9].service = slower(exponential(MEAN), 10, 20, 40)
+        for model in models[10 - slow :]:
+            model.service = slower(exponential(MEAN), 10, start, end)
         return models
 
     rate = load * 40 / MEAN
+    which = "one server" if slow == 1 else f"{slow} servers"
+    settings = "".join(f", {name} {value:g} s" for name, value in options.items())
     return Scenario(
-        f"one server 10x slower 20-40 s, load {load}",
+        f"{which} 10x slower {start:g}-{end:g} s, load {load}{settings}",
         servers,
         lambda t: rate,
-        60,
+        duration,
         watch="s9",
-        events={"degrade": 20, "recover": 40},
+        events={"degrade": start, "recover": end},
+        options=dict(options),
     )
+
+
+def degrade_and_recover(load: float) -> Scenario:
+    return slow_spell(load, 1, 20, 40, 60)
 
 
 def cold_join() -> Scenario:
@@ -198,26 +210,9 @@ def large_pool_one_balancer(n: int = 300) -> Scenario:
 
 
 def slow_then_recovered(stale_after: float) -> Scenario:
-    """Two of ten servers 10x slower from 10 s to 25 s at load 0.5, so slow that they get no
-    traffic, with ``stale_after`` set: their share must come back soon after 25 s whatever the
-    setting."""
-
-    def servers() -> list[ServerModel]:
-        models = pool(10, 4, exponential(MEAN))
-        for model in models[8:]:
-            model.service = slower(exponential(MEAN), 10, 10, 25)
-        return models
-
-    rate = 0.5 * 40 / MEAN
-    return Scenario(
-        f"two servers 10x slower 10-25 s, stale_after {stale_after:g} s",
-        servers,
-        lambda t: rate,
-        45,
-        watch="s9",
-        events={"degrade": 10, "recover": 25},
-        options={"stale_after": stale_after},
-    )
+    """Two servers so slow at load 0.5 that they get no traffic: their share must come back
+    soon after they recover, whatever ``stale_after`` is."""
+    return slow_spell(0.5, 2, 10, 25, 45, stale_after=stale_after)
 
 
 SHARE_EVERY = 0.1  # the shared state's default report interval
