@@ -14,9 +14,11 @@ Two modes:
     the last 100, no ageing, failures not recorded.
 ``"leasttime"`` (the default)
     The same score with Traefik's faults fixed: samples in float seconds (sub-millisecond servers
-    stop tying at 0); only recent samples count (the last 100 within ``stale_after`` seconds), and
-    a server with none that recent is probed again, one request at a time, so a server that was
-    slow and recovered gets its share back; a cold server probed one request at a time instead of
+    stop tying at 0); only recent samples count (the last 100 within ``stale_after`` seconds); a
+    server out of favour (no sample for :data:`RECHECK_FIRST` seconds, then up to
+    :data:`RECHECK_MAX`) is probed again and its history starts afresh, so a server that was
+    slow and recovered gets its share back whatever ``stale_after`` is; a cold or freshly probed
+    server takes one request at a time until it has :data:`SURE_AFTER` samples instead of being
     flooded until its first answer; failures recorded as slow answers instead of nothing; and
     each request in flight weighted by how much it is seen to delay the next (see
     :class:`Server.queueing`) instead of as if the server answered one request at a time.
@@ -362,7 +364,8 @@ class Balancer:
         stale_after: default mode only. How long a sample counts: the average is the mean of the
             last 100 samples taken within ``stale_after`` seconds, so a server that kept a
             trickle of traffic while slow sheds its slow samples once it recovers. A server with
-            no sample that recent is probed with one request, as a cold server is.
+            no sample that recent, or none for its recheck wait (2 s to 8 s), is probed with one
+            request, as a cold server is.
         failure_penalty: default mode only. Seconds recorded as the TTFB of a failed request.
         exact_up_to: default mode only. With more available servers than this, a pick compares
             ``choices`` servers drawn at random instead of every server: the pick's cost stops
