@@ -22,7 +22,7 @@ import httpx
 
 from asgi_leasttime._headers import BadRequest, BadResponse, response_headers
 from asgi_leasttime._sweeper import Sweeper
-from asgi_leasttime.types import Headers, Message, Receive, Scope, Send
+from asgi_leasttime.types import Headers, Receive, Scope, Send
 
 __all__ = [
     "ClientDisconnected",
@@ -136,9 +136,10 @@ class UpstreamResponse(Protocol):
     async def aclose(self) -> None: ...
 
 
-# Sends the request (method, headers, body or None) and returns once response headers are in.
-# Raises httpx's exception classes, whichever client is underneath.
-Opener = Callable[[str, Headers, AsyncIterator[bytes] | None], Awaitable[UpstreamResponse]]
+# Sends the request (method, target, headers, body or None) to one upstream and returns once
+# the response headers are in. Made once per upstream. Raises httpx's exception classes,
+# whichever client is underneath.
+Opener = Callable[[str, bytes, Headers, AsyncIterator[bytes] | None], Awaitable[UpstreamResponse]]
 
 
 class HttpxResponse:
@@ -185,20 +186,28 @@ def _close_if_bytes_follow(response: httpx.Response) -> None:
         state.send_failed()
 
 
-def httpx_opener(client: httpx.AsyncClient, url: httpx.URL) -> Opener:
-    """Send with an ``httpx.AsyncClient`` to ``url``."""
+def httpx_opener(
+    client: Callable[[], httpx.AsyncClient], url: Callable[[bytes], httpx.URL]
+) -> Opener:
+    """Send with the ``httpx.AsyncClient`` that ``client()`` gives (made on first use) to the
+    URL ``url(target)`` gives."""
 
     async def open_upstream(
-        method: str, headers: Headers, body: AsyncIterator[bytes] | None
+        method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
     ) -> UpstreamResponse:
         # Not client.build_request(): that would merge the client's default headers
         # (Accept-Encoding among them: upstreams would compress for clients that never asked).
-        request = httpx.Request(method, url, headers=headers, content=body)
+        try:
+            request_url = url(target)
+        except (httpx.InvalidURL, UnicodeError) as exc:
+            # Bytes in the path that httpx refuses: the client's request, answered 400.
+            raise httpx.LocalProtocolError(f"bad request target: {exc}") from None
+        request = httpx.Request(method, request_url, headers=headers, content=body)
         if body is None and b"content-length" not in (name for name, _ in headers):
             # httpx adds "Content-Length: 0" to a POST, PUT or PATCH without a body: the
             # upstream sees the request as the client sent it.
             request.headers.pop("content-length", None)
-        return HttpxResponse(await client.send(request, stream=True))
+        return HttpxResponse(await client().send(request, stream=True))
 
     return open_upstream
 
@@ -223,6 +232,7 @@ def _watchlist() -> Sweeper[_Exchange]:
 
 def forward_http(
     open_upstream: Opener,
+    target: bytes,
     where: str,
     scope: Scope,
     receive: Receive,
@@ -232,7 +242,8 @@ def forward_http(
     extra_response_headers: Headers | None = None,
     on_response: Callable[[int, float], None] | None = None,
 ) -> Coroutine[Any, Any, Outcome]:
-    """Forward one request upstream (``where`` names it in logs) and stream the answer back.
+    """Forward one request to ``target`` upstream (``where`` names the upstream in logs) and
+    stream the answer back.
 
     ``on_response(status, ttfb)`` is called as soon as the upstream's response headers arrive, so
     a long body does not delay the balancer's information; ``Outcome.failed`` says the upstream
@@ -243,7 +254,7 @@ def forward_http(
     exchange = _Exchange(
         open_upstream, where, scope, receive, send, headers, extra_response_headers, on_response
     )
-    return exchange.run()  # the coroutine itself, awaited by the caller: one frame less
+    return exchange.run(target)  # the coroutine itself, awaited by the caller: one frame less
 
 
 class _Exchange:
@@ -301,25 +312,55 @@ class _Exchange:
         self.task: asyncio.Task[Any] | None = None
         self.since = 0.0  # loop time the exchange began
 
-    async def run(self) -> Outcome:
+    async def run(self, target: bytes) -> Outcome:
+        # The exchange, its errors answered and the client's leaving handled, in one coroutine:
+        # each frame between uvicorn and the upstream costs on every resumption.
         task = self.task = asyncio.current_task()
         assert task is not None
         loop = task.get_loop()
         self.since = loop.time()
         watchlist = _watchlist()
         watchlist.add(self, loop)
+        where, outcome = self.where, self.outcome
         try:
-            await self._exchange_or_answer()
+            try:
+                await self._exchange(target)
+            except ClientDisconnected:
+                logger.debug("client left during %s %s", self.method, where)
+            except httpx.LocalProtocolError as exc:
+                # The request could not be written as it is: the client's doing, not the
+                # upstream's.
+                logger.info("request to %s refused by the HTTP client: %r", where, exc)
+                if not self.started:
+                    await _answer(self.send, 400, "bad request")
+            except httpx.TransportError as exc:  # timeouts included
+                outcome.failed = outcome.status is None
+                if self.started:
+                    logger.warning("upstream %s failed mid-response (%r): cut off", where, exc)
+                elif isinstance(exc, httpx.TimeoutException):
+                    logger.warning("upstream %s timed out: %r", where, exc)
+                    await _answer(self.send, 504, "gateway timeout")
+                else:
+                    logger.warning("upstream %s failed: %r", where, exc)
+                    await _answer(self.send, 502, "bad gateway")
+            except Exception:
+                # A fault in the client library (h11 raising past httpcore's error mapping, for
+                # one). Answer like any upstream failure rather than let a 500 out, and say it
+                # loudly.
+                logger.exception("forwarding %s %s failed unexpectedly", self.method, where)
+                outcome.failed = outcome.status is None
+                if not self.started:
+                    await _answer(self.send, 502, "bad gateway")
         except asyncio.CancelledError:
             if not self.client_gone or task.uncancel() > 0:
                 raise  # cancelled from outside (shutdown): not ours to swallow
-            logger.debug("client left during %s %s", self.method, self.where)
+            logger.debug("client left during %s %s", self.method, where)
         finally:
             self.finished = True
             watchlist.discard(self)
             if self.watcher is not None:
                 self.watcher.cancel()
-        return self.outcome
+        return outcome
 
     # -- the client leaving -----------------------------------------------------------------
 
@@ -368,51 +409,16 @@ class _Exchange:
         if self.watch_when_read:
             self._start_watching()
 
-    async def _send(self, message: Message) -> None:
-        try:
-            await self.send(message)
-        except OSError as exc:  # ASGI 2.4 servers raise once the client is gone
-            raise ClientDisconnected from exc
-
     # -- the exchange ---------------------------------------------------------------------------
 
-    async def _exchange_or_answer(self) -> None:
-        where, outcome = self.where, self.outcome
-        try:
-            await self._exchange()
-        except ClientDisconnected:
-            logger.debug("client left during %s %s", self.method, where)
-        except httpx.LocalProtocolError as exc:
-            # The request could not be written as it is: the client's doing, not the upstream's.
-            logger.info("request to %s refused by the HTTP client: %r", where, exc)
-            if not self.started:
-                await _answer(self.send, 400, "bad request")
-        except httpx.TransportError as exc:  # timeouts included
-            outcome.failed = outcome.status is None
-            if self.started:
-                logger.warning("upstream %s failed mid-response (%r): cut off", where, exc)
-            elif isinstance(exc, httpx.TimeoutException):
-                logger.warning("upstream %s timed out: %r", where, exc)
-                await _answer(self.send, 504, "gateway timeout")
-            else:
-                logger.warning("upstream %s failed: %r", where, exc)
-                await _answer(self.send, 502, "bad gateway")
-        except Exception:
-            # A fault in the client library (h11 raising past httpcore's error mapping, for one).
-            # Answer like any upstream failure rather than let a 500 out, and say it loudly.
-            logger.exception("forwarding %s %s failed unexpectedly", self.method, where)
-            outcome.failed = outcome.status is None
-            if not self.started:
-                await _answer(self.send, 502, "bad gateway")
-
-    async def _exchange(self) -> None:
-        method, outcome = self.method, self.outcome
+    async def _exchange(self, target: bytes) -> None:
+        method, outcome, send = self.method, self.outcome, self.send
         retry = not self.has_body and method in _IDEMPOTENT
         while True:
             sent_at = time.perf_counter()
             try:
                 response = await self.open_upstream(
-                    method, self.headers, self._request_body() if self.has_body else None
+                    method, target, self.headers, self._request_body() if self.has_body else None
                 )
             except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 # A pooled keep-alive connection the upstream had just closed: once, afresh.
@@ -434,22 +440,20 @@ class _Exchange:
                 self.on_response(status, ttfb)
             if self.extra_response_headers:
                 response_head.extend(self.extra_response_headers)
-            await self._send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": response_head,
-                }
-            )
-            self.started = True
+            message = {"type": "http.response.start", "status": status, "headers": response_head}
+            more = True
             while True:
-                chunk, more = await response.next_chunk()
-                if chunk or not more:  # the last piece ends the response: one message less
-                    await self._send(
-                        {"type": "http.response.body", "body": chunk, "more_body": more}
-                    )
+                try:
+                    await send(message)
+                except OSError as exc:  # ASGI 2.4 servers raise once the client is gone
+                    raise ClientDisconnected from exc
+                self.started = True
                 if not more:
                     break
+                chunk, more = await response.next_chunk()
+                while not chunk and more:  # the last piece ends the response: one message less
+                    chunk, more = await response.next_chunk()
+                message = {"type": "http.response.body", "body": chunk, "more_body": more}
         finally:
             # Not shielded: a cancellation (the client leaving) has already been delivered by
             # the time this runs, and asyncio.shield would cost a task per request.

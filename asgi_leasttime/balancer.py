@@ -639,13 +639,13 @@ class Balancer:
         """Pick a server and count one request in flight on it, with nothing in between; the
         :class:`~asgi_leasttime.lease.Lease` records how the request went and gives it back."""
         server = self.next_server()
-        self.track(server)
+        self._count_in(server)
         return Lease(self, server)
 
     def lease(self, server: Server) -> Lease:
         """Count a request in flight on a server chosen without a pick (a sticky request): sticky
         traffic weighs on the scores too."""
-        self.track(server)
+        self._count_in(server)
         return Lease(self, server)
 
     def register_outcome_listener(self, listener: OutcomeListener) -> None:
@@ -662,17 +662,21 @@ class Balancer:
 
     def track(self, server: Server | Lease) -> None:
         """Count a request in flight on a server (a lease does it for you)."""
-        if isinstance(server, Lease):
-            server = server.server
-        server._inflight += 1
-        server._requests += 1
-        self._rescore(server)
+        self._count_in(server.server if isinstance(server, Lease) else server)
 
     def release(self, server: Server | Lease) -> None:
         """The request counted by :meth:`track` is over (a lease does it for you, with
         :meth:`Lease.release`; given a lease, this releases its server once, not the lease)."""
-        if isinstance(server, Lease):
-            server = server.server
+        self._count_out(server.server if isinstance(server, Lease) else server)
+
+    # The rules themselves, on a Server: the lease calls them on every request.
+
+    def _count_in(self, server: Server) -> None:
+        server._inflight += 1
+        server._requests += 1
+        self._rescore(server)
+
+    def _count_out(self, server: Server) -> None:
         server._inflight -= 1
         self._rescore(server)
 
@@ -694,8 +698,22 @@ class Balancer:
         (:attr:`Lease.alongside`); the default mode learns from it how much a request in flight
         delays the next (:attr:`Server.queueing`). Without it nothing is learned.
         """
-        if isinstance(server, Lease):
-            server = server.server
+        self._record_ttfb(
+            server.server if isinstance(server, Lease) else server,
+            seconds,
+            -1 if alongside is None else alongside,
+        )
+
+    def record_failure(self, server: Server | Lease, ttfb: float | None = None) -> None:
+        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx
+        (:meth:`Lease.failed` and :meth:`Lease.answered` do it for you).
+
+        Traefik times whatever answered and ignores what did not, which makes a fast-failing
+        server look fast; the default mode records ``failure_penalty`` seconds instead.
+        """
+        self._record_failure(server.server if isinstance(server, Lease) else server, ttfb)
+
+    def _record_ttfb(self, server: Server, seconds: float, alongside: int) -> None:
         if self._traefik:
             # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
             server._add_sample(float(round(seconds * 1e9) // 1_000_000))
@@ -711,21 +729,13 @@ class Balancer:
             if now - server._last_sample_at < RECHECK_FIRST:
                 server._recheck = RECHECK_FIRST  # in favour again: back to the first wait
             server._last_sample_at = now
-            server._add_sample(seconds, now, -1 if alongside is None else alongside)
+            server._add_sample(seconds, now, alongside)
         self._rescore(server)
 
-    def record_failure(self, server: Server | Lease, ttfb: float | None = None) -> None:
-        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx
-        (:meth:`Lease.failed` and :meth:`Lease.answered` do it for you).
-
-        Traefik times whatever answered and ignores what did not, which makes a fast-failing
-        server look fast; the default mode records ``failure_penalty`` seconds instead.
-        """
-        if isinstance(server, Lease):
-            server = server.server
+    def _record_failure(self, server: Server, ttfb: float | None) -> None:
         server._failures += 1
         if self._traefik:
             if ttfb is not None:
-                self.record_ttfb(server, ttfb)
+                self._record_ttfb(server, ttfb, -1)
             return
-        self.record_ttfb(server, max(self.failure_penalty, ttfb or 0.0))
+        self._record_ttfb(server, max(self.failure_penalty, ttfb or 0.0), -1)

@@ -66,20 +66,22 @@ class Lease:
         """The server answered with ``status`` after ``ttfb`` seconds (its response head)."""
         if self.outcome is not None:
             return
+        balancer = self._balancer
         if is_failure(status):
             self.outcome = "failed"
-            self._balancer.record_failure(self.server, ttfb)
+            balancer._record_failure(self.server, ttfb)
         else:
             self.outcome = "answered"
-            self._balancer.record_ttfb(self.server, ttfb, alongside=self.alongside)
-        self._balancer._tell_listeners(self)
+            balancer._record_ttfb(self.server, ttfb, self.alongside)
+        if balancer._outcome_listeners:
+            balancer._tell_listeners(self)
 
     def failed(self, ttfb: float | None = None) -> None:
         """The server never answered (refused, reset, timed out, or spoke no HTTP)."""
         if self.outcome is not None:
             return
         self.outcome = "failed"
-        self._balancer.record_failure(self.server, ttfb)
+        self._balancer._record_failure(self.server, ttfb)
         self._balancer._tell_listeners(self)
 
     def release(self) -> None:
@@ -90,7 +92,7 @@ class Lease:
         if self.outcome is None:
             self.outcome = "abandoned"
             self._balancer._tell_listeners(self)
-        self._balancer.release(self.server)
+        self._balancer._count_out(self.server)
 
     def __enter__(self) -> Lease:
         return self

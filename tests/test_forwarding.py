@@ -29,7 +29,7 @@ SCOPE: dict[str, Any] = {"type": "http", "method": "GET", "headers": []}
 
 
 def opener_answering_after(seconds: float) -> Any:
-    async def open_upstream(method: str, headers: Any, body: Any) -> FakeResponse:
+    async def open_upstream(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
         await asyncio.sleep(seconds)
         return FakeResponse()
 
@@ -42,7 +42,9 @@ async def forward(seconds: float, receive: Any) -> tuple[Outcome, list[dict[str,
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    outcome = await forward_http(opener_answering_after(seconds), "up", SCOPE, receive, send, [])
+    outcome = await forward_http(
+        opener_answering_after(seconds), b"/", "up", SCOPE, receive, send, []
+    )
     return outcome, sent
 
 

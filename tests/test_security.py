@@ -147,6 +147,47 @@ async def test_two_host_headers_are_a_bad_request_not_an_upstream_failure() -> N
     assert (upstream.requests, server.failures, server.inflight) == (0, 0, 0)
 
 
+@pytest.mark.parametrize("upstream_client", ["lean", "httpx"])
+async def test_a_path_the_http_client_refuses_is_a_bad_request_not_an_upstream_failure(
+    upstream_client: Any,
+) -> None:
+    # uvicorn refuses such a path itself; an app in front of the proxy, or another server,
+    # may hand it over in the scope.
+    upstream = UpstreamApp("a")
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async with running(upstream) as upstream_url:
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(upstream_url, name="a")], upstream_client=upstream_client
+        )
+        async with proxy.lifespan():
+            scope = {
+                "type": "http",
+                "method": "GET",
+                "scheme": "http",
+                "path": "/caf\u00e9",
+                "raw_path": b"/caf\xc3\xa9",
+                "query_string": b"",
+                "headers": [(b"host", b"x")],
+                "client": ("127.0.0.1", 5000),
+            }
+            await proxy(scope, receive, send)
+        server = proxy.balancer["a"]
+    assert sent[0]["status"] == 400
+    if upstream_client == "httpx":  # httpx takes only ASCII in a path: refused before sending
+        assert sent[1]["body"] == b"bad request"
+    else:  # the lean client sends the bytes as they came; the upstream (uvicorn) refuses them
+        assert sent[1]["body"] == b"Invalid HTTP request received."
+    assert upstream.requests == 0
+    assert (server.failures, server.inflight) == (0, 0)
+
+
 async def test_content_length_with_transfer_encoding_is_reframed() -> None:
     """h11 accepts both headers and reads the chunked body (httptools refuses the request)."""
     upstream = UpstreamApp("a")
