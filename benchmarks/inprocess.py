@@ -106,7 +106,9 @@ async def _requests(app: Any, concurrency: int, count: int) -> None:
         raise AssertionError
 
     async def send(message: dict[str, Any]) -> None:
-        pass
+        # A proxy answering its own 502 would look fast: only the upstream's answer counts.
+        if message["type"] == "http.response.start" and message["status"] != 200:
+            raise RuntimeError(f"the app answered {message['status']}, not the upstream's 200")
 
     async def client(requests: int) -> None:
         for _ in range(requests):
