@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming clean
+.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming bench-inprocess clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ clean:
 bench-proxy: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
 	cd benchmarks && ../$(BIN)/python proxy.py
+
+# The request path's own cost in Python, ours against the minimal proxy (nginx for its second part).
+bench-inprocess: $(STAMP)
+	cd benchmarks && ../$(BIN)/python inprocess.py
 
 bench-streaming: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
