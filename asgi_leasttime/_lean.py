@@ -53,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
+        self.fresh = True  # no answer read on it yet (its TLS session not yet kept)
         self._reset()
 
     def _reset(self) -> None:
@@ -286,6 +287,43 @@ def _read_deadlines(read_timeout: float | None) -> Sweeper[_Connection] | None:
     return Sweeper(min(max(read_timeout / 10, 0.005), 1.0), time_out_if_due)
 
 
+class _ResumingContext:
+    """The proxy's SSL context as one upstream's connections see it: a new connection offers
+    the TLS session last kept from another, so the upstream may resume it instead of a full
+    handshake.
+
+    asyncio (and uvloop) take no session for a new connection; they call ``wrap_bio`` on the
+    context they are given, and this one passes the session there. Kept per upstream (host,
+    port and server name): a session is only ever offered to the server that issued it.
+    """
+
+    __slots__ = ("context", "session")
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.session: ssl.SSLSession | None = None
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        """What asyncio calls to start a connection's TLS, with the kept session offered."""
+        return self.context.wrap_bio(
+            incoming, outgoing, server_side, server_hostname, session or self.session
+        )
+
+    def keep(self, ssl_object: Any) -> None:
+        """Keep a connection's session for the next connection. Called once the connection
+        has read an answer: a TLS 1.3 server sends its resumption ticket after the handshake."""
+        session = getattr(ssl_object, "session", None)
+        if session is not None:
+            self.session = session
+
+
 class _Pool:
     """Connections to one origin: idle ones reused newest first, at most ``limit`` at once.
 
@@ -303,7 +341,9 @@ class _Pool:
         server_name: str | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self.tls = tls
+        # Sessions are kept per pool, so one is only offered to the server that issued it.
+        self.tls = _ResumingContext(tls) if tls is not None else None
+        self.resumed = 0  # new connections whose TLS session was resumed, not made afresh
         self.server_name = (server_name or host) if tls is not None else None
         # The port in a Host header the lean client writes: none when it is the scheme's own.
         self.shown_port = None if port == (80 if tls is None else 443) else port
@@ -375,7 +415,7 @@ class _Pool:
                     _Connection,
                     self.host,
                     self.port,
-                    ssl=self.tls,
+                    ssl=self.tls,  # type: ignore[arg-type]  # it quacks like an SSLContext
                     server_hostname=self.server_name,
                 )
         except TimeoutError:
@@ -388,9 +428,18 @@ class _Pool:
         except BaseException:  # cancelled while connecting: the client left
             self._free_slot()
             raise
+        if self.tls is not None and connection.transport is not None:
+            ssl_object = connection.transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.session_reused:
+                self.resumed += 1
         return connection
 
     def give_back(self, connection: _Connection) -> None:
+        if connection.fresh and connection.complete:
+            connection.fresh = False
+            if self.tls is not None and connection.transport is not None:
+                # After an answer, not the handshake: TLS 1.3 tickets come after it.
+                self.tls.keep(connection.transport.get_extra_info("ssl_object"))
         idle_room = self.idle_limit is None or len(self.idle) < self.idle_limit
         if idle_room and connection.reusable():
             self.idle.append((asyncio.get_running_loop().time(), connection))

@@ -2,7 +2,9 @@
 
 One :class:`UpstreamTLS` per proxy: its SSL context serves the lean client's connections, the
 httpx client the proxy creates (for a caller's transport and health probes), and its probes.
-Verification is on by default, against the system's CA store.
+Verification is on by default, against the system's CA store. The lean client resumes TLS
+sessions: each new connection to an upstream offers the session of one before it, and a resumed
+handshake skips the certificate exchange and its checks, done when the session was made.
 """
 
 from __future__ import annotations

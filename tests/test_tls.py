@@ -84,6 +84,26 @@ async def test_a_verified_https_upstream(
     assert answers[0].json()["body"] == "over tls"
 
 
+async def test_new_connections_resume_the_tls_session(
+    certs: Certificates, upstream: UpstreamApp
+) -> None:
+    async with running(upstream, **https_options(certs.server("resume.pem"))) as url:
+        proxy = LeastTimeProxy(
+            upstreams=[url.replace("http://", "https://")],
+            tls=UpstreamTLS(root_cas=[certs.ca_file]),
+            limits=httpx.Limits(max_keepalive_connections=0),  # a new connection every request
+        )
+        async with running(proxy, lifespan="on") as proxy_url:
+            async with httpx.AsyncClient(base_url=proxy_url) as http:
+                answers = [await http.get("/x") for _ in range(4)]
+            assert proxy._lean is not None
+            (pool,) = proxy._lean._pools.values()
+            resumed = pool.resumed
+    assert [answer.status_code for answer in answers] == [200] * 4
+    assert upstream.requests == 4
+    assert resumed == 3  # the first connection's handshake was full, the others resumed it
+
+
 @pytest.mark.parametrize(
     ("case", "reason"),
     [
