@@ -53,7 +53,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.can_write = asyncio.Event()
         self.can_write.set()
-        self.fresh = True  # no answer read on it yet (its TLS session not yet kept)
+        self.fresh = True  # over TLS: no answer read on it yet, its session not yet kept
         self._reset()
 
     def _reset(self) -> None:
@@ -435,10 +435,10 @@ class _Pool:
         return connection
 
     def give_back(self, connection: _Connection) -> None:
-        if connection.fresh and connection.complete:
+        if self.tls is not None and connection.fresh and connection.complete:
+            # Once per connection, after an answer: TLS 1.3 tickets come after the handshake.
             connection.fresh = False
-            if self.tls is not None and connection.transport is not None:
-                # After an answer, not the handshake: TLS 1.3 tickets come after it.
+            if connection.transport is not None:
                 self.tls.keep(connection.transport.get_extra_info("ssl_object"))
         idle_room = self.idle_limit is None or len(self.idle) < self.idle_limit
         if idle_room and connection.reusable():
@@ -551,6 +551,7 @@ class LeanClient:
             connection.head_only = method == "HEAD"
             if body is None:
                 head = _request_head(method, target, headers, host, shown_port, chunked=False)
+                # connection.write() spelt out: no coroutine when the socket takes the head.
                 if not connection.write_nowait(head):
                     await connection.drained(self.timeout.write)
             else:

@@ -73,8 +73,7 @@ class Lease:
         else:
             self.outcome = "answered"
             balancer._record_ttfb(self.server, ttfb, self.alongside)
-        if balancer._outcome_listeners:
-            balancer._tell_listeners(self)
+        balancer._tell_listeners(self)
 
     def failed(self, ttfb: float | None = None) -> None:
         """The server never answered (refused, reset, timed out, or spoke no HTTP)."""
