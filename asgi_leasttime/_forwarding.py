@@ -257,9 +257,10 @@ def forward_http(
     return exchange.run(target)  # the coroutine itself, awaited by the caller: one frame less
 
 
-class _Exchange:
+class _Exchange(Outcome):
     """One request on its way: the upstream call, the answer streamed back, and the watcher
-    that cancels it all when the client leaves."""
+    that cancels it all when the client leaves. What it learns is its own :class:`Outcome`
+    (one object less a request)."""
 
     __slots__ = (
         "body_read",
@@ -271,9 +272,9 @@ class _Exchange:
         "method",
         "on_response",
         "open_upstream",
-        "outcome",
         "receive",
         "send",
+        "sent_at",
         "since",
         "started",
         "task",
@@ -301,7 +302,10 @@ class _Exchange:
         self.headers = headers
         self.extra_response_headers = extra_response_headers
         self.on_response = on_response
-        self.outcome = Outcome()
+        self.ttfb: float | None = None
+        self.status: int | None = None
+        self.failed = False
+        self.retries = 0
         self.has_body = _has_body(scope["headers"])
         self.body_read = not self.has_body
         self.started = False  # the response to the client
@@ -311,6 +315,7 @@ class _Exchange:
         self.watcher: asyncio.Task[None] | None = None
         self.task: asyncio.Task[Any] | None = None
         self.since = 0.0  # loop time the exchange began
+        self.sent_at = 0.0  # perf_counter time the request was last sent
 
     async def run(self, target: bytes) -> Outcome:
         # The exchange, its errors answered and the client's leaving handled, in one coroutine:
@@ -321,46 +326,81 @@ class _Exchange:
         self.since = loop.time()
         watchlist = _watchlist()
         watchlist.add(self, loop)
-        where, outcome = self.where, self.outcome
+        method, where, send = self.method, self.where, self.send
         try:
             try:
-                await self._exchange(target)
+                self.sent_at = time.perf_counter()
+                body = self._request_body() if self.has_body else None
+                try:
+                    response = await self.open_upstream(method, target, self.headers, body)
+                except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                    response = await self._send_again(target, exc)
+                self.ttfb = ttfb = time.perf_counter() - self.sent_at
+                try:
+                    try:
+                        head = response_headers(response.raw_headers, response.status_code)
+                    except BadResponse as exc:
+                        raise httpx.RemoteProtocolError(str(exc)) from None  # 502, a failure
+                    self.status = status = response.status_code
+                    if self.on_response is not None:
+                        self.on_response(status, ttfb)
+                    if self.extra_response_headers:
+                        head.extend(self.extra_response_headers)
+                    message = {"type": "http.response.start", "status": status, "headers": head}
+                    more = True
+                    while True:
+                        try:
+                            await send(message)
+                        except OSError as exc:  # ASGI 2.4 servers raise once the client is gone
+                            raise ClientDisconnected from exc
+                        self.started = True
+                        if not more:
+                            break
+                        chunk, more = await response.next_chunk()
+                        while not chunk and more:  # the last piece ends it: one message less
+                            chunk, more = await response.next_chunk()
+                        message = {"type": "http.response.body", "body": chunk, "more_body": more}
+                finally:
+                    # Not shielded: a cancellation (the client leaving) has already been
+                    # delivered by the time this runs, and asyncio.shield would cost a task per
+                    # request.
+                    await response.aclose()
             except ClientDisconnected:
-                logger.debug("client left during %s %s", self.method, where)
+                logger.debug("client left during %s %s", method, where)
             except httpx.LocalProtocolError as exc:
                 # The request could not be written as it is: the client's doing, not the
                 # upstream's.
                 logger.info("request to %s refused by the HTTP client: %r", where, exc)
                 if not self.started:
-                    await _answer(self.send, 400, "bad request")
+                    await _answer(send, 400, "bad request")
             except httpx.TransportError as exc:  # timeouts included
-                outcome.failed = outcome.status is None
+                self.failed = self.status is None
                 if self.started:
                     logger.warning("upstream %s failed mid-response (%r): cut off", where, exc)
                 elif isinstance(exc, httpx.TimeoutException):
                     logger.warning("upstream %s timed out: %r", where, exc)
-                    await _answer(self.send, 504, "gateway timeout")
+                    await _answer(send, 504, "gateway timeout")
                 else:
                     logger.warning("upstream %s failed: %r", where, exc)
-                    await _answer(self.send, 502, "bad gateway")
+                    await _answer(send, 502, "bad gateway")
             except Exception:
                 # A fault in the client library (h11 raising past httpcore's error mapping, for
                 # one). Answer like any upstream failure rather than let a 500 out, and say it
                 # loudly.
-                logger.exception("forwarding %s %s failed unexpectedly", self.method, where)
-                outcome.failed = outcome.status is None
+                logger.exception("forwarding %s %s failed unexpectedly", method, where)
+                self.failed = self.status is None
                 if not self.started:
-                    await _answer(self.send, 502, "bad gateway")
+                    await _answer(send, 502, "bad gateway")
         except asyncio.CancelledError:
             if not self.client_gone or task.uncancel() > 0:
                 raise  # cancelled from outside (shutdown): not ours to swallow
-            logger.debug("client left during %s %s", self.method, where)
+            logger.debug("client left during %s %s", method, where)
         finally:
             self.finished = True
             watchlist.discard(self)
             if self.watcher is not None:
                 self.watcher.cancel()
-        return outcome
+        return self
 
     # -- the client leaving -----------------------------------------------------------------
 
@@ -411,53 +451,17 @@ class _Exchange:
 
     # -- the exchange ---------------------------------------------------------------------------
 
-    async def _exchange(self, target: bytes) -> None:
-        method, outcome, send = self.method, self.outcome, self.send
-        retry = not self.has_body and method in _IDEMPOTENT
-        while True:
-            sent_at = time.perf_counter()
-            try:
-                response = await self.open_upstream(
-                    method, target, self.headers, self._request_body() if self.has_body else None
-                )
-            except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                # A pooled keep-alive connection the upstream had just closed: once, afresh.
-                if retry:
-                    retry = False
-                    outcome.retries += 1
-                    logger.debug("retrying %s %s after %r", method, self.where, exc)
-                    continue
-                raise
-            break
-        outcome.ttfb = ttfb = time.perf_counter() - sent_at
-        try:
-            try:
-                response_head = response_headers(response.raw_headers, response.status_code)
-            except BadResponse as exc:
-                raise httpx.RemoteProtocolError(str(exc)) from None  # a 502 and a failure
-            outcome.status = status = response.status_code
-            if self.on_response is not None:
-                self.on_response(status, ttfb)
-            if self.extra_response_headers:
-                response_head.extend(self.extra_response_headers)
-            message = {"type": "http.response.start", "status": status, "headers": response_head}
-            more = True
-            while True:
-                try:
-                    await send(message)
-                except OSError as exc:  # ASGI 2.4 servers raise once the client is gone
-                    raise ClientDisconnected from exc
-                self.started = True
-                if not more:
-                    break
-                chunk, more = await response.next_chunk()
-                while not chunk and more:  # the last piece ends the response: one message less
-                    chunk, more = await response.next_chunk()
-                message = {"type": "http.response.body", "body": chunk, "more_body": more}
-        finally:
-            # Not shielded: a cancellation (the client leaving) has already been delivered by
-            # the time this runs, and asyncio.shield would cost a task per request.
-            await response.aclose()
+    async def _send_again(self, target: bytes, error: Exception) -> UpstreamResponse:
+        """Once more, afresh, after the first try failed on what looks like a pooled
+        keep-alive connection the upstream had just closed; only a request without a body
+        that may be sent twice. Otherwise ``error`` stands."""
+        method = self.method
+        if self.has_body or method not in _IDEMPOTENT:
+            raise error
+        self.retries += 1
+        logger.debug("retrying %s %s after %r", method, self.where, error)
+        self.sent_at = time.perf_counter()
+        return await self.open_upstream(method, target, self.headers, None)
 
 
 async def _answer(send: Send, status: int, text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.types import Headers, Scope
@@ -47,7 +48,7 @@ class BadResponse(ValueError):
     counted as the upstream's failure, and its connection closed."""
 
 
-def _connection_tokens(value: bytes) -> set[bytes]:
+def _connection_tokens(value: bytes) -> AbstractSet[bytes]:
     """The header names one ``Connection`` header lists."""
     if value in _PLAIN_CONNECTION:
         return _NOTHING_NAMED  # the usual case, without a split
@@ -56,10 +57,12 @@ def _connection_tokens(value: bytes) -> set[bytes]:
 
 # Connection values that name no header besides the hop-by-hop ones removed anyway.
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
-_NOTHING_NAMED: set[bytes] = set()
+_NOTHING_NAMED: AbstractSet[bytes] = frozenset()
 
 
-def _without_named(headers: Headers, named: set[bytes], removed: frozenset[bytes]) -> Headers:
+def _without_named(
+    headers: Headers, named: AbstractSet[bytes], removed: frozenset[bytes]
+) -> Headers:
     """``headers`` without those ``Connection`` named, unless they are gone already (the usual
     ``Connection: keep-alive`` or ``close`` costs no second pass)."""
     extra = named - removed
@@ -80,14 +83,14 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers
     if status < 200:
         raise BadResponse(f"upstream answered {status} to a request that asked for no upgrade")
     headers: Headers = []
-    named: set[bytes] = set()
+    named = _NOTHING_NAMED
     length: bytes | None = None
     transfer_coded = False
     for name, value in raw:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == b"connection":
-                named |= _connection_tokens(value)
+                named = named | _connection_tokens(value)
             elif lower == b"transfer-encoding":
                 if transfer_coded or value.strip().lower() != b"chunked":
                     raise BadResponse(f"upstream sent Transfer-Encoding {value!r}")
@@ -153,23 +156,26 @@ class RequestHeaders:
         """The headers for the upstream request of this scope."""
         client = scope.get("client")
         client_host: str | None = client[0] if client else None
-        trusted = self.is_trusted(client_host)
+        trusted = bool(self.trusted_proxies) and self.is_trusted(client_host)
         headers: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None
-        named: set[bytes] = set()  # by Connection headers
+        named = _NOTHING_NAMED  # by Connection headers
         chunked = False
-        lengths: set[bytes] = set()
+        length: bytes | None = None
+        lengths_differ = False
         for name, value in scope["headers"]:
             if value[-1:] in _WHITESPACE:
                 value = value.rstrip(b" \t")  # not part of the value (RFC 9110 section 5.5)
             if name in _REQUEST_ONLY_HOP:
                 if name == b"connection":
-                    named |= _connection_tokens(value)
+                    named = named | _connection_tokens(value)
                 chunked = chunked or name == b"transfer-encoding"
                 continue
             if name == b"content-length":
-                lengths.add(value.strip())
+                value = value.strip()
+                lengths_differ = lengths_differ or (length is not None and value != length)
+                length = value
                 continue  # added back once below, when the framing allows it
             if name == b"host":
                 if host is not None:
@@ -190,10 +196,10 @@ class RequestHeaders:
             headers.append((name, value))
         if named:
             headers = _without_named(headers, named, _REQUEST_ONLY_HOP)
-        if lengths and not chunked:
-            if len(lengths) > 1:
+        if length is not None and not chunked:
+            if lengths_differ:
                 raise BadRequest("conflicting Content-Length headers")
-            headers.append((b"content-length", lengths.pop()))
+            headers.append((b"content-length", length))
         if client_host is not None:
             forwarded_for.append(client_host.encode("latin-1"))
         if forwarded_for:

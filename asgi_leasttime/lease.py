@@ -49,7 +49,7 @@ class Lease:
     def __init__(self, balancer: Balancer, server: Server) -> None:
         self._balancer = balancer
         self.server = server
-        self.alongside = server.inflight - 1
+        self.alongside = server._inflight - 1
         """How many other requests the server had in flight when this one was counted."""
         self.outcome: Outcome | None = None
         self._released = False
