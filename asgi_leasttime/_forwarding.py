@@ -47,15 +47,15 @@ class ClientDisconnected(Exception):
 
 
 class Outcome:
-    """What the balancer learns from one exchange. Filled in by :func:`forward_http`."""
+    """What the balancer learns from one exchange: what :func:`forward_http` returns (the
+    exchange itself, which fills these in)."""
 
     __slots__ = ("failed", "retries", "status", "ttfb")
 
-    def __init__(self) -> None:
-        self.ttfb: float | None = None
-        self.status: int | None = None
-        self.failed = False
-        self.retries = 0
+    ttfb: float | None  # seconds to the response head; None if none came
+    status: int | None  # the upstream's status; None if it never answered
+    failed: bool  # the upstream never gave an answer that could be forwarded
+    retries: int  # sent again after a pooled connection the upstream had closed
 
 
 def upstream_target(scope: Scope) -> bytes:
@@ -222,11 +222,14 @@ _per_thread = threading.local()
 
 
 def _watchlist() -> Sweeper[_Exchange]:
-    """The exchanges in flight on this thread's event loop, checked every half WATCH_AFTER."""
+    """The exchanges in flight on this thread's event loop, checked every half WATCH_AFTER on
+    the clock their ``sent_at`` is read from."""
     try:
         watchlist: Sweeper[_Exchange] = _per_thread.watchlist
     except AttributeError:
-        watchlist = _per_thread.watchlist = Sweeper(WATCH_AFTER / 2, _Exchange.watch_if_due)
+        watchlist = _per_thread.watchlist = Sweeper(
+            WATCH_AFTER / 2, _Exchange.watch_if_due, clock=time.perf_counter
+        )
     return watchlist
 
 
@@ -275,7 +278,6 @@ class _Exchange(Outcome):
         "receive",
         "send",
         "sent_at",
-        "since",
         "started",
         "task",
         "watch_when_read",
@@ -314,18 +316,17 @@ class _Exchange(Outcome):
         self.watch_when_read = False
         self.watcher: asyncio.Task[None] | None = None
         self.task: asyncio.Task[Any] | None = None
-        self.since = 0.0  # loop time the exchange began
-        self.sent_at = 0.0  # perf_counter time the request was last sent
+        # When the request was last sent (perf_counter): its TTFB starts here, and so does
+        # the wait before the watcher (a retry, sent at once after a failed try, restarts it).
+        self.sent_at = 0.0
 
     async def run(self, target: bytes) -> Outcome:
         # The exchange, its errors answered and the client's leaving handled, in one coroutine:
         # each frame between uvicorn and the upstream costs on every resumption.
         task = self.task = asyncio.current_task()
         assert task is not None
-        loop = task.get_loop()
-        self.since = loop.time()
         watchlist = _watchlist()
-        watchlist.add(self, loop)
+        watchlist.add(self, task.get_loop())
         method, where, send = self.method, self.where, self.send
         try:
             try:
@@ -408,7 +409,7 @@ class _Exchange(Outcome):
         """Start the watcher once the exchange has run WATCH_AFTER; true when done with."""
         if self.finished:
             return True
-        if now - self.since < WATCH_AFTER:
+        if now - self.sent_at < WATCH_AFTER:
             return False
         self._start_watching()
         return True

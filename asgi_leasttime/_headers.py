@@ -156,7 +156,7 @@ class RequestHeaders:
         """The headers for the upstream request of this scope."""
         client = scope.get("client")
         client_host: str | None = client[0] if client else None
-        trusted = bool(self.trusted_proxies) and self.is_trusted(client_host)
+        trusted = self.is_trusted(client_host)
         headers: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None

@@ -19,13 +19,19 @@ T = TypeVar("T")
 
 class Sweeper(Generic[T]):
     """Calls ``check(item, now)`` for every registered item each ``interval`` seconds (``now``
-    is the loop's clock); an item for which it returns true is dropped."""
+    from ``clock``, the loop's own by default); an item for which it returns true is dropped."""
 
-    __slots__ = ("_check", "_interval", "_items", "_loop", "_timer")
+    __slots__ = ("_check", "_clock", "_interval", "_items", "_loop", "_timer")
 
-    def __init__(self, interval: float, check: Callable[[T, float], bool]) -> None:
+    def __init__(
+        self,
+        interval: float,
+        check: Callable[[T, float], bool],
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self._interval = interval
         self._check = check
+        self._clock = clock
         self._items: set[T] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -57,7 +63,7 @@ class Sweeper(Generic[T]):
     def _sweep(self) -> None:
         self._timer = None
         assert self._loop is not None
-        now = self._loop.time()
+        now = self._loop.time() if self._clock is None else self._clock()
         check = self._check
         done = [item for item in list(self._items) if check(item, now)]
         self._items.difference_update(done)

@@ -725,10 +725,7 @@ class Balancer:
                 server._expire_before(math.inf)
                 server._stale = False
             else:
-                cutoff = now - self.stale_after
-                # The oldest sample's time, checked here: most samples expire nothing.
-                if server._sample_times[(server._index - server._count) % SAMPLE_SIZE] < cutoff:
-                    server._expire_before(cutoff)
+                server._expire_before(now - self.stale_after)
             if now - server._last_sample_at < RECHECK_FIRST:
                 server._recheck = RECHECK_FIRST  # in favour again: back to the first wait
             server._last_sample_at = now

@@ -453,10 +453,7 @@ class LeastTimeProxy:
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
     ) -> None:
         try:
-            if self.sticky is None and self.passive_health_check is None:
-                lease, set_cookie = self.balancer.acquire(), None  # the plain pick, directly
-            else:
-                lease, set_cookie = self._choose(scope)
+            lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
             if fallback is not None:
                 await fallback(scope, receive, send)

@@ -55,3 +55,17 @@ def test_a_sweeper_moved_to_another_loop_forgets_the_old_one() -> None:
     asyncio.run(add_and_leave("old"))  # its loop closes with the timer pending
     asyncio.run(add_and_wait("new"))
     assert seen == ["new"]
+
+
+async def test_now_is_read_from_the_clock_given_else_from_the_loop() -> None:
+    loop = asyncio.get_running_loop()
+    nows: dict[str, float] = {}
+    given: Sweeper[str] = Sweeper(
+        0.01, lambda item, now: nows.setdefault(item, now) is not None, lambda: -5.0
+    )
+    own: Sweeper[str] = Sweeper(0.01, lambda item, now: nows.setdefault(item, now) is not None)
+    given.add("given", loop)
+    own.add("own", loop)
+    await asyncio.sleep(0.05)
+    assert nows["given"] == -5.0
+    assert 0 < loop.time() - nows["own"] < 1
