@@ -1,8 +1,7 @@
 """Traefik's least-time load balancer for ASGI applications."""
 
-from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer, Server, UnknownServer
+from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer, Server, UnknownServer
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
-from asgi_leasttime.lease import Lease
 from asgi_leasttime.middleware import LeastTimeMiddleware
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.status import UpstreamStatus

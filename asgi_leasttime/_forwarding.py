@@ -21,14 +21,16 @@ import h11
 import httpx
 
 from asgi_leasttime._headers import BadRequest, BadResponse, response_headers
+from asgi_leasttime._logging import RateLimitedLog
+from asgi_leasttime._paths import path_below_root, raw_below
 from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.types import Headers, Receive, Scope, Send
 
 __all__ = [
     "ClientDisconnected",
+    "ExchangeResult",
     "HttpxResponse",
     "Opener",
-    "Outcome",
     "UpstreamResponse",
     "forward_http",
     "httpx_opener",
@@ -36,7 +38,13 @@ __all__ = [
     "upstream_target",
 ]
 
-logger = logging.getLogger("asgi_leasttime")
+logger = logging.getLogger("asgi_leasttime.forwarding")
+
+FAILURE_LOG_EVERY = 10.0
+"""Seconds between two WARNING lines about failed requests to one upstream (and one kind of
+failure); the lines in between are counted and the next one says how many."""
+
+_failures = RateLimitedLog(logger, FAILURE_LOG_EVERY)
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -46,9 +54,10 @@ class ClientDisconnected(Exception):
     """The client went away; nobody is left to answer."""
 
 
-class Outcome:
-    """What the balancer learns from one exchange: what :func:`forward_http` returns (the
-    exchange itself, which fills these in)."""
+class ExchangeResult:
+    """What one HTTP exchange came to: what :func:`forward_http` returns (the exchange itself,
+    which fills these in). Not the lease's outcome (:data:`asgi_leasttime.balancer.Outcome`),
+    which the proxy records from ``on_response`` and :attr:`failed`."""
 
     __slots__ = ("failed", "retries", "status", "ttfb")
 
@@ -73,14 +82,10 @@ def upstream_target(scope: Scope) -> bytes:
     root_path: str = scope.get("root_path", "")
     raw_path: bytes | None = scope.get("raw_path")
     if raw_path is None:
-        path: str = scope["path"]
-        if root_path and path.startswith(root_path):
-            path = path[len(root_path) :]
-        raw_path = quote(path, safe="/:@!$&'()*+,;=-._~").encode("ascii")
+        raw_path = quote(path_below_root(scope), safe="/:@!$&'()*+,;=-._~").encode("ascii")
     elif root_path:
-        prefix = root_path.encode("utf-8")
-        if raw_path.startswith(prefix):
-            raw_path = raw_path[len(prefix) :]
+        # The same rule as path_below_root (a segment boundary), on the bytes the client sent.
+        raw_path = raw_below(raw_path, root_path.encode("utf-8")) or raw_path
     if not raw_path.startswith(b"/"):
         raw_path = b"/" + raw_path
     if _has_dot_segment(raw_path):
@@ -244,13 +249,13 @@ def forward_http(
     *,
     extra_response_headers: Headers | None = None,
     on_response: Callable[[int, float], None] | None = None,
-) -> Coroutine[Any, Any, Outcome]:
+) -> Coroutine[Any, Any, ExchangeResult]:
     """Forward one request to ``target`` upstream (``where`` names the upstream in logs) and
     stream the answer back.
 
     ``on_response(status, ttfb)`` is called as soon as the upstream's response headers arrive, so
-    a long body does not delay the balancer's information; ``Outcome.failed`` says the upstream
-    never gave an answer that could be forwarded. Errors become answers:
+    a long body does not delay the balancer's information; ``ExchangeResult.failed`` says the
+    upstream never gave an answer that could be forwarded. Errors become answers:
     connection failures 502, timeouts 504; after the response started, a failure cuts the
     response off. A client that leaves cancels the exchange.
     """
@@ -260,9 +265,9 @@ def forward_http(
     return exchange.run(target)  # the coroutine itself, awaited by the caller: one frame less
 
 
-class _Exchange(Outcome):
+class _Exchange(ExchangeResult):
     """One request on its way: the upstream call, the answer streamed back, and the watcher
-    that cancels it all when the client leaves. What it learns is its own :class:`Outcome`
+    that cancels it all when the client leaves. What it learns is its own :class:`ExchangeResult`
     (one object less a request)."""
 
     __slots__ = (
@@ -320,7 +325,7 @@ class _Exchange(Outcome):
         # the wait before the watcher (a retry, sent at once after a failed try, restarts it).
         self.sent_at = 0.0
 
-    async def run(self, target: bytes) -> Outcome:
+    async def run(self, target: bytes) -> ExchangeResult:
         # The exchange, its errors answered and the client's leaving handled, in one coroutine:
         # each frame between uvicorn and the upstream costs on every resumption.
         task = self.task = asyncio.current_task()
@@ -376,19 +381,31 @@ class _Exchange(Outcome):
                     await _answer(send, 400, "bad request")
             except httpx.TransportError as exc:  # timeouts included
                 self.failed = self.status is None
+                # Rate-limited per upstream: a dead one behind a busy proxy fails every request.
                 if self.started:
-                    logger.warning("upstream %s failed mid-response (%r): cut off", where, exc)
+                    _failures.warning(
+                        (where, "cut off"),
+                        "upstream %s failed mid-response (%r): cut off",
+                        where,
+                        exc,
+                    )
                 elif isinstance(exc, httpx.TimeoutException):
-                    logger.warning("upstream %s timed out: %r", where, exc)
+                    _failures.warning((where, "timeout"), "upstream %s timed out: %r", where, exc)
                     await _answer(send, 504, "gateway timeout")
                 else:
-                    logger.warning("upstream %s failed: %r", where, exc)
+                    _failures.warning((where, "failed"), "upstream %s failed: %r", where, exc)
                     await _answer(send, 502, "bad gateway")
             except Exception:
                 # A fault in the client library (h11 raising past httpcore's error mapping, for
                 # one). Answer like any upstream failure rather than let a 500 out, and say it
                 # loudly.
-                logger.exception("forwarding %s %s failed unexpectedly", method, where)
+                _failures.error(
+                    (where, "unexpected"),
+                    "forwarding %s %s failed unexpectedly",
+                    method,
+                    where,
+                    exc_info=True,
+                )
                 self.failed = self.status is None
                 if not self.started:
                     await _answer(send, 502, "bad gateway")

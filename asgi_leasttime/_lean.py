@@ -353,6 +353,7 @@ class _Pool:
         self.keepalive_expiry = limits.keepalive_expiry or 0.0
         self.active = 0
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.retired = False  # its upstream left: connections close as they come back
 
     async def _take_slot(self, seconds: float | None) -> None:
         if self.active < self.limit and not self.waiting:
@@ -441,7 +442,7 @@ class _Pool:
             if connection.transport is not None:
                 self.tls.keep(connection.transport.get_extra_info("ssl_object"))
         idle_room = self.idle_limit is None or len(self.idle) < self.idle_limit
-        if idle_room and connection.reusable():
+        if idle_room and not self.retired and connection.reusable():
             self.idle.append((asyncio.get_running_loop().time(), connection))
         else:
             connection.close()
@@ -601,6 +602,14 @@ class LeanClient:
                     await connection.write(chunk, seconds)
         if chunked:
             await connection.write(b"0\r\n\r\n", seconds)
+
+    def retire(self, host: str, port: int, https: bool = False) -> None:
+        """Close an origin's idle connections and forget its pool (its upstream left the
+        proxy); the connections still in use close when their responses end."""
+        pool = self._pools.pop((host, port, https), None)
+        if pool is not None:
+            pool.retired = True
+            pool.close()
 
     async def aclose(self) -> None:
         """Close every pooled connection."""

@@ -71,24 +71,26 @@ async def write(
         return 400, {"error": f"the body is not JSON: {exc}"}
     if not isinstance(document, dict):
         return 400, {"error": "the body must be a JSON object"}
-    if method == "PUT":
-        if name in proxy.upstreams:
-            return 409, {"error": f"upstream {name!r} exists already"}
-        changes = [Change(name, "add", document)]
-    elif name not in proxy.upstreams:
+    exists = name in proxy.upstreams
+    if method == "PUT" and exists:
+        return 409, {"error": f"upstream {name!r} exists already"}
+    if method != "PUT" and not exists:
         return 404, {"error": f"no upstream named {name!r}"}
-    elif method == "DELETE":
-        changes = [Change(name, "remove")]
-    else:
-        unknown = set(document) - {"down", "fenced", "weight"}
-        if unknown or not document:
-            return 400, {"error": "give any of down, fenced, weight", "unknown": sorted(unknown)}
-        changes = [Change(name, key, value) for key, value in document.items()]
+    allowed = {"PUT": {"url", "weight", "fenced"}, "POST": {"down", "fenced", "weight"}}
+    unknown = set(document) - allowed.get(method, set())
+    if unknown or (method == "POST" and not document):
+        wanted = ", ".join(sorted(allowed.get(method, ())))
+        return 400, {"error": f"give any of {wanted}", "unknown": sorted(unknown)}
+    if method == "PUT" and "url" not in document:
+        return 400, {"error": "url: an added upstream needs a url"}
+    fields = {"removed": True} if method == "DELETE" else document
     try:
-        for change in changes:
-            await proxy.state.submit(change)
+        # Every field judged before anything moves: a change applies whole or not at all.
+        await proxy.state.submit(Change(name, **fields))
     except OptionError as exc:
         return 400, {"error": str(exc)}
+    except KeyError:  # removed by another call meanwhile
+        return 404, {"error": f"no upstream named {name!r}"}
     if method == "DELETE":
         return 200, {"removed": name}
     for status in proxy.upstream_status():

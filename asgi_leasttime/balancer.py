@@ -1,8 +1,11 @@
-"""The least-time balancer: which server gets the next request.
+"""The least-time balancer: which server gets the next request, and the lease that holds it.
 
 Sans-IO: no sockets, no event loop, no HTTP. The proxy asks for a server, counts the request in
 flight, and reports how long the server took to answer (its time to first byte, TTFB). Everything
 that depends on time reads an injectable clock, so tests drive it with a fake one.
+
+The proxy does all three through a :class:`Lease` (:meth:`Balancer.acquire`): one request's hold
+on a server, which records the request's outcome once and gives the server back once.
 
 Score, as in Traefik: ``average TTFB * (1 + in flight) / weight``; the lowest wins, and servers
 with equal scores are ordered by earliest-deadline-first (weighted round robin).
@@ -34,14 +37,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, TracebackType
 from typing import Literal
 
-from asgi_leasttime.lease import Lease, OutcomeListener
 from asgi_leasttime.options import OptionError
 
 __all__ = [
     "EXACT_UP_TO",
+    "FAILURE_STATUS",
     "QUEUEING_FLOOR",
     "QUEUEING_PRIOR",
     "RECHECK_FIRST",
@@ -51,11 +54,15 @@ __all__ = [
     "SOURCES",
     "SURE_AFTER",
     "Balancer",
+    "Lease",
     "Mode",
     "NoAvailableServer",
+    "Outcome",
+    "OutcomeListener",
     "Server",
     "Source",
     "UnknownServer",
+    "is_failure",
 ]
 
 Mode = Literal["leasttime", "traefik"]
@@ -95,6 +102,22 @@ RECHECK_FIRST = 2.0
 RECHECK_MAX = 8.0
 """Default mode: the longest wait between such probes; each probe that leaves the server out of
 favour doubles the wait, up to this."""
+
+Outcome = Literal["answered", "failed", "abandoned"]
+"""How a lease's request went: answered (a status under :data:`FAILURE_STATUS`), failed (no
+answer, or one of :data:`FAILURE_STATUS` or more), or abandoned (given back with neither)."""
+
+OutcomeListener = Callable[["Lease"], None]
+"""Called once per lease, when its outcome is known (``Balancer.register_outcome_listener``)."""
+
+FAILURE_STATUS = 500
+
+
+def is_failure(status: int | None) -> bool:
+    """The one rule of what counts against a server: no answer, or an answer of 500 or more
+    (Traefik's passive health check counts the same)."""
+    return status is None or status >= FAILURE_STATUS
+
 
 logger = logging.getLogger("asgi_leasttime")
 
@@ -168,9 +191,10 @@ class _Queueing:
 class Server:
     """One server of a :class:`Balancer`, with its read-only statistics.
 
-    Handed out by :meth:`Balancer.next_server` and :meth:`Balancer.acquire`; the proxy passes it
-    back to :meth:`Balancer.release` and :meth:`Balancer.record_ttfb`. A server removed from its
-    balancer keeps its own counters, so requests still in flight on it finish cleanly.
+    Handed out by :meth:`Balancer.next_server`, and held by a :class:`Lease` as its
+    :attr:`Lease.server`; the primitives (:meth:`Balancer.track`, :meth:`Balancer.release`,
+    :meth:`Balancer.record_ttfb`, :meth:`Balancer.record_failure`) take it. A server removed from
+    its balancer keeps its own counters, so requests still in flight on it finish cleanly.
     """
 
     __slots__ = (
@@ -415,6 +439,18 @@ class Balancer:
         self._next_staleness_check = 0.0
         self._updaters: list[Callable[[bool], None]] = []
         self._outcome_listeners: list[OutcomeListener] = []
+        # The mode's rules, chosen once: every lease and every change of a server calls them.
+        self._rescore: Callable[[Server], None]
+        self._record_ttfb: Callable[[Server, float, int], None]
+        self._record_failure: Callable[[Server, float | None], None]
+        if self._traefik:
+            self._rescore = self._rescore_traefik
+            self._record_ttfb = self._record_ttfb_traefik
+            self._record_failure = self._record_failure_traefik
+        else:
+            self._rescore = self._rescore_leasttime
+            self._record_ttfb = self._record_ttfb_leasttime
+            self._record_failure = self._record_failure_leasttime
 
     # -- membership -------------------------------------------------------------------------------
 
@@ -602,12 +638,17 @@ class Balancer:
             self._current_deadline = deadline
         return slot
 
-    def _rescore(self, server: Server) -> None:
-        if self._traefik or (server._count >= SURE_AFTER and not server._stale):
-            # Traefik mode records no "alongside", so its factor stays 1.
-            queueing = server._queueing.factor
+    def _rescore_traefik(self, server: Server) -> None:
+        # Every request in flight counts in full, and only this process's.
+        score = server._average * (1 + server._inflight) / server._weight
+        server._score = score
+        if server._slot >= 0:
+            self._scores[server._slot] = score
+
+    def _rescore_leasttime(self, server: Server) -> None:
+        if server._count >= SURE_AFTER and not server._stale:
             inflight = server._inflight + server._elsewhere
-            score = server._average * (1 + queueing * inflight) / server._weight
+            score = server._average * (1 + server._queueing.factor * inflight) / server._weight
         elif server._inflight:
             # Too little known: one request at a time, so one lucky sample cannot draw a flood.
             score = math.inf
@@ -637,7 +678,7 @@ class Balancer:
 
     def acquire(self) -> Lease:
         """Pick a server and count one request in flight on it, with nothing in between; the
-        :class:`~asgi_leasttime.lease.Lease` records how the request went and gives it back."""
+        :class:`Lease` records how the request went and gives it back."""
         server = self.next_server()
         self._count_in(server)
         return Lease(self, server)
@@ -658,18 +699,53 @@ class Balancer:
         for listener in self._outcome_listeners:
             listener(lease)
 
-    # The primitives a lease is made of, for the simulator and for tests that port Traefik's.
+    def set_inflight_elsewhere(self, name: str, inflight: float) -> None:
+        """Tell the default mode how many requests other processes have in flight on a server:
+        its score counts them beside its own (Traefik mode ignores them)."""
+        server = self[name]
+        if self._traefik or server._elsewhere == inflight:
+            return
+        server._elsewhere = inflight
+        self._rescore(server)
 
-    def track(self, server: Server | Lease) -> None:
-        """Count a request in flight on a server (a lease does it for you)."""
-        self._count_in(server.server if isinstance(server, Lease) else server)
+    # -- the primitives ---------------------------------------------------------------------------
+    #
+    # What a lease is made of, on a Server: for code that drives the counting and the timing
+    # step by step (the tests that port Traefik's, benchmarks/pick.py, a simulator). The proxy
+    # uses leases. They tell no outcome listener (a lease does), and nothing checks that they
+    # are paired.
 
-    def release(self, server: Server | Lease) -> None:
-        """The request counted by :meth:`track` is over (a lease does it for you, with
-        :meth:`Lease.release`; given a lease, this releases its server once, not the lease)."""
-        self._count_out(server.server if isinstance(server, Lease) else server)
+    def track(self, server: Server) -> None:
+        """Primitive: count a request in flight on ``server`` (:meth:`acquire` and
+        :meth:`lease` do it for a lease)."""
+        self._count_in(server)
 
-    # The rules themselves, on a Server: the lease calls them on every request.
+    def release(self, server: Server) -> None:
+        """Primitive: the request counted by :meth:`track` on ``server`` is over
+        (:meth:`Lease.release` does it for a lease)."""
+        self._count_out(server)
+
+    def record_ttfb(self, server: Server, seconds: float, alongside: int | None = None) -> None:
+        """Primitive: record a time to first byte on ``server``, in seconds
+        (:meth:`Lease.answered` does it for a lease).
+
+        ``alongside``: how many other requests the server had in flight when this one was sent
+        (what :attr:`Lease.alongside` captures); the default mode learns from it how much a
+        request in flight delays the next (:attr:`Server.queueing`). Without it nothing is
+        learned.
+        """
+        self._record_ttfb(server, seconds, -1 if alongside is None else alongside)
+
+    def record_failure(self, server: Server, ttfb: float | None = None) -> None:
+        """Primitive: record a failed request on ``server``: never answered (``ttfb=None``) or
+        answered with a 5xx (:meth:`Lease.failed` and :meth:`Lease.answered` do it for a lease).
+
+        Traefik times whatever answered and ignores what did not, which makes a fast-failing
+        server look fast; the default mode records ``failure_penalty`` seconds instead.
+        """
+        self._record_failure(server, ttfb)
+
+    # The rules themselves, the mode's chosen in __init__: every lease calls them.
 
     def _count_in(self, server: Server) -> None:
         server._inflight += 1
@@ -680,62 +756,108 @@ class Balancer:
         server._inflight -= 1
         self._rescore(server)
 
-    def set_inflight_elsewhere(self, name: str, inflight: float) -> None:
-        """Tell the default mode how many requests other processes have in flight on a server:
-        its score counts them beside its own (Traefik mode ignores them)."""
-        server = self[name]
-        if self._traefik or server._elsewhere == inflight:
-            return
-        server._elsewhere = inflight
-        self._rescore(server)
+    def _record_ttfb_traefik(self, server: Server, seconds: float, alongside: int) -> None:
+        # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
+        server._add_sample(float(round(seconds * 1e9) // 1_000_000))
+        self._rescore_traefik(server)
 
-    def record_ttfb(
-        self, server: Server | Lease, seconds: float, alongside: int | None = None
-    ) -> None:
-        """Record a time to first byte, in seconds (:meth:`Lease.answered` does it for you).
-
-        ``alongside``: how many other requests the server had in flight when this one was sent
-        (:attr:`Lease.alongside`); the default mode learns from it how much a request in flight
-        delays the next (:attr:`Server.queueing`). Without it nothing is learned.
-        """
-        self._record_ttfb(
-            server.server if isinstance(server, Lease) else server,
-            seconds,
-            -1 if alongside is None else alongside,
-        )
-
-    def record_failure(self, server: Server | Lease, ttfb: float | None = None) -> None:
-        """Record a failed request: never answered (``ttfb=None``) or answered with a 5xx
-        (:meth:`Lease.failed` and :meth:`Lease.answered` do it for you).
-
-        Traefik times whatever answered and ignores what did not, which makes a fast-failing
-        server look fast; the default mode records ``failure_penalty`` seconds instead.
-        """
-        self._record_failure(server.server if isinstance(server, Lease) else server, ttfb)
-
-    def _record_ttfb(self, server: Server, seconds: float, alongside: int) -> None:
-        if self._traefik:
-            # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
-            server._add_sample(float(round(seconds * 1e9) // 1_000_000))
+    def _record_ttfb_leasttime(self, server: Server, seconds: float, alongside: int) -> None:
+        now = self.clock()
+        if server._stale:
+            # A probe's answer starts the history afresh: older samples describe a server that
+            # may have changed since (recovered, or slowed down).
+            server._expire_before(math.inf)
+            server._stale = False
         else:
-            now = self.clock()
-            if server._stale:
-                # A probe's answer starts the history afresh: older samples describe a server
-                # that may have changed since (recovered, or slowed down).
-                server._expire_before(math.inf)
-                server._stale = False
-            else:
-                server._expire_before(now - self.stale_after)
-            if now - server._last_sample_at < RECHECK_FIRST:
-                server._recheck = RECHECK_FIRST  # in favour again: back to the first wait
-            server._last_sample_at = now
-            server._add_sample(seconds, now, alongside)
-        self._rescore(server)
+            server._expire_before(now - self.stale_after)
+        if now - server._last_sample_at < RECHECK_FIRST:
+            server._recheck = RECHECK_FIRST  # in favour again: back to the first wait
+        server._last_sample_at = now
+        server._add_sample(seconds, now, alongside)
+        self._rescore_leasttime(server)
 
-    def _record_failure(self, server: Server, ttfb: float | None) -> None:
+    def _record_failure_traefik(self, server: Server, ttfb: float | None) -> None:
         server._failures += 1
-        if self._traefik:
-            if ttfb is not None:
-                self._record_ttfb(server, ttfb, -1)
+        if ttfb is not None:  # what never answered is not timed
+            self._record_ttfb_traefik(server, ttfb, -1)
+
+    def _record_failure_leasttime(self, server: Server, ttfb: float | None) -> None:
+        server._failures += 1
+        self._record_ttfb_leasttime(server, max(self.failure_penalty, ttfb or 0.0), -1)
+
+
+class Lease:
+    """A request in flight on :attr:`server`, from the pick to the end of its answer. Made by
+    :meth:`Balancer.acquire` (a pick) and :meth:`Balancer.lease` (a server chosen another way,
+    such as a sticky cookie's).
+
+    Shaped like httpcore's pool, which ties a connection's return to its response stream's close:
+    the balancer hands out a lease with the server counted in flight, and the request gives it
+    back once, however it ends. On the way the lease records, once, what the balancer learns from
+    the request: answered (a status and a time to first byte) or failed (never answered). A lease
+    given back with neither was abandoned: the client left first, or the request was refused
+    before it was sent.
+
+    Record the outcome with :meth:`answered` or :meth:`failed` (the first call counts, later ones
+    are ignored) and give the lease back with :meth:`release`, or use it as a context manager.
+    The server's name and statistics are the server's: ``lease.server.name``.
+
+    What the balancer must know at the pick (how many other requests the server had in flight,
+    which teaches it how much one more delays an answer) is captured when the lease is made, so
+    no caller can pass it wrong.
+    """
+
+    __slots__ = ("_balancer", "_released", "alongside", "outcome", "server")
+
+    def __init__(self, balancer: Balancer, server: Server) -> None:
+        self._balancer = balancer
+        self.server = server
+        self.alongside = server._inflight - 1
+        """How many other requests the server had in flight when this one was counted."""
+        self.outcome: Outcome | None = None
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.server.name!r} outcome={self.outcome}>"
+
+    def answered(self, status: int, ttfb: float) -> None:
+        """The server answered with ``status`` after ``ttfb`` seconds (its response head)."""
+        if self.outcome is not None:
             return
-        self._record_ttfb(server, max(self.failure_penalty, ttfb or 0.0), -1)
+        balancer = self._balancer
+        if is_failure(status):
+            self.outcome = "failed"
+            balancer._record_failure(self.server, ttfb)
+        else:
+            self.outcome = "answered"
+            balancer._record_ttfb(self.server, ttfb, self.alongside)
+        balancer._tell_listeners(self)
+
+    def failed(self, ttfb: float | None = None) -> None:
+        """The server never answered (refused, reset, timed out, or spoke no HTTP)."""
+        if self.outcome is not None:
+            return
+        self.outcome = "failed"
+        self._balancer._record_failure(self.server, ttfb)
+        self._balancer._tell_listeners(self)
+
+    def release(self) -> None:
+        """The request is over, however it ended; idempotent."""
+        if self._released:
+            return
+        self._released = True
+        if self.outcome is None:
+            self.outcome = "abandoned"
+            self._balancer._tell_listeners(self)
+        self._balancer._count_out(self.server)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()

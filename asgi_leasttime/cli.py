@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import os
 import sys
@@ -14,7 +15,6 @@ from typing import Any
 from asgi_leasttime import __version__
 from asgi_leasttime._private_store import private_store
 from asgi_leasttime.config import PRIVATE_STATE_ENV, Config, ConfigError, load_config, parse_config
-from asgi_leasttime.redis_state import RedisState
 
 __all__ = ["main"]
 
@@ -31,7 +31,21 @@ def _config_from_environment() -> Config:
 
 def create_app() -> Any:
     """The app each uvicorn worker serves (``uvicorn --factory asgi_leasttime.cli:create_app``)."""
-    return _config_from_environment().build_proxy()
+    config = _config_from_environment()
+    proxy = config.build_proxy()
+    _freeze_heap(config)
+    return proxy
+
+
+def _freeze_heap(config: Config) -> None:
+    """With ``[server] freeze_gc`` (the default), once per serving process, when its app is
+    built: ``gc.collect()`` frees the garbage of start-up, then ``gc.freeze()`` moves everything
+    alive (modules, the app, the server) out of the collector's sight, so its full collections,
+    which stop every request in flight, scan only what came later. ``serve``'s doing: the
+    library leaves the collector alone."""
+    if config.section("server")["freeze_gc"]:
+        gc.collect()
+        gc.freeze()
 
 
 def _document_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +160,7 @@ def _serve_with_admin(
     server = QuietServer(
         uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=options["log_level"])
     )
+    _freeze_heap(config)
 
     async def both() -> None:
         task = asyncio.create_task(server.serve())
@@ -174,10 +189,7 @@ def _admin_beside_workers(
     from asgi_leasttime._serving import QuietServer
     from asgi_leasttime.metrics import AdminApp
 
-    proxy = config.build_proxy()
-    proxy.health_check = None  # the workers probe; the supervisor's copy only relays changes
-    if isinstance(proxy.state, RedisState):
-        proxy.state.report_every = None  # and it serves no traffic to report
+    proxy = config.build_proxy(relay_only=True)
     app = AdminApp(proxy, token=token)
     server = QuietServer(
         uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=log_level)

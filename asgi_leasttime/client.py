@@ -104,6 +104,7 @@ class PerOriginTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._limits = limits
         self._pools: dict[tuple[bytes, bytes, int | None], httpx.AsyncHTTPTransport] = {}
+        self._retired: list[httpx.AsyncHTTPTransport] = []
         self._tls = tls if tls is not None else UpstreamTLS()
 
     def _new_pool(self, scheme: bytes) -> httpx.AsyncHTTPTransport:
@@ -120,8 +121,17 @@ class PerOriginTransport(httpx.AsyncBaseTransport):
             pool = self._pools[origin] = self._new_pool(url.raw_scheme)
         return await pool.handle_async_request(request)
 
+    def retire(self, url: httpx.URL) -> None:
+        """Forget an origin's pool (its upstream left the proxy): new requests to it get a
+        pool afresh; the old one's connections finish what they carry and close with the
+        client."""
+        pool = self._pools.pop((url.raw_scheme, url.raw_host, url.port), None)
+        if pool is not None:
+            self._retired.append(pool)
+
     async def aclose(self) -> None:
-        pools = list(self._pools.values())
+        pools = [*self._pools.values(), *self._retired]
+        self._retired.clear()
         self._pools.clear()
         for pool in pools:
             await pool.aclose()

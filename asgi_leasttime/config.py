@@ -63,12 +63,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """Where ``asgi-leasttime serve`` listens (``[server]``, with the proxy's ``name`` and
-    ``freeze_gc``)."""
+    """How ``asgi-leasttime serve`` runs (``[server]``, with the proxy's ``name``): where it
+    listens, how many workers, and whether each process freezes its heap out of the garbage
+    collector's way once the proxy is built (``freeze_gc``: ``gc.collect()`` then
+    ``gc.freeze()``; the serving process's choice, not the library's)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    freeze_gc: bool = True
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
@@ -108,7 +111,7 @@ def _balancer_options(
 
 
 def _any_value(**options: Any) -> None:
-    """Options that take any value of their type (the proxy's ``name`` and ``freeze_gc``)."""
+    """Options that take any value of their type (the proxy's ``name``)."""
 
 
 def _sticky_options(
@@ -181,7 +184,7 @@ TABLES: dict[str, Table] = {
     "server": Table(
         (
             Part(ServerOptions),
-            Part(LeastTimeProxy, only=("name", "freeze_gc"), judge=_any_value),
+            Part(LeastTimeProxy, only=("name",), judge=_any_value),
         ),
     ),
     "balancer": Table(
@@ -263,8 +266,12 @@ class Config:
         """The values of a table, defaults included."""
         return self.sections[name]
 
-    def build_proxy(self, environ: Mapping[str, str] | None = None) -> LeastTimeProxy:
-        """The :class:`LeastTimeProxy` this configuration describes."""
+    def build_proxy(
+        self, environ: Mapping[str, str] | None = None, *, relay_only: bool = False
+    ) -> LeastTimeProxy:
+        """The :class:`LeastTimeProxy` this configuration describes. ``relay_only``: for a
+        process that serves no traffic and only relays changes (``serve --workers N``'s admin
+        app in the supervisor): no health checks (the workers probe), no reports."""
         server, balancer = self.section("server"), self.section("balancer")
         sticky = None
         if "sticky" in self.optional:
@@ -272,18 +279,20 @@ class Config:
             del options["secret_key"], options["secret_key_env"]
             sticky = StickyCookie(secret_key=self.secret_keys(environ), **options)
         health = None
-        if "health_check" in self.optional:
+        if "health_check" in self.optional and not relay_only:
             health = HealthCheck(**self.section("health_check"))
         passive = None
         if "passive_health_check" in self.optional:
             passive = PassiveHealthCheck(**self.section("passive_health_check"))
         tls = UpstreamTLS(**self.section("tls")) if "tls" in self.optional else None
+        state = self.state_store(environ)
+        if relay_only and isinstance(state, RedisState):
+            state = RedisState(**{**state.options(), "report_every": None})
         return LeastTimeProxy(
-            state=self.state_store(environ),
+            state=state,
             tls=tls,
             upstreams=[Upstream(**u) for u in self.upstreams],
             name=server["name"],
-            freeze_gc=server["freeze_gc"],
             mode=balancer["mode"],
             pass_host_header=balancer["pass_host_header"],
             trusted_proxies=balancer["trusted_proxies"],

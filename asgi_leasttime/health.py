@@ -26,9 +26,9 @@ if TYPE_CHECKING:
     from asgi_leasttime.state import StateStore
     from asgi_leasttime.upstream import Upstream
 
-__all__ = ["HealthCheck", "PassiveHealthCheck"]
+__all__ = ["HealthCheck", "PassiveCheck", "PassiveHealthCheck"]
 
-logger = logging.getLogger("asgi_leasttime")
+logger = logging.getLogger("asgi_leasttime.health")
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ async def watch_upstream(
         await anyio.sleep(check.interval if healthy else unhealthy_interval)
 
 
+@dataclass(frozen=True, kw_only=True)
 class PassiveHealthCheck:
     """Passive health checks on the proxy's own traffic, with Traefik's semantics.
 
@@ -173,98 +174,152 @@ class PassiveHealthCheck:
     ``shared``: where processes share a state store, an upstream ejected by one process is
     ejected by all of them (for the rest of the window, or until a probe passes); each process
     counts failures on its own traffic either way.
+
+    These are options only: each proxy given them keeps its own counts (a
+    :class:`PassiveCheck`), so one object can serve several proxies.
+    """
+
+    failure_window: float = 10.0
+    max_failed_attempts: int = 1
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive("failure_window", self.failure_window)
+        if self.max_failed_attempts < 1:
+            raise OptionError("max_failed_attempts", "must be at least 1")
+
+    def start(
+        self,
+        balancer: Balancer,
+        *,
+        active_recovery: bool = False,
+        tell_others: Callable[[str, float | bool], None] | None = None,
+    ) -> PassiveCheck:
+        """The running check of one proxy, counting the outcome of every lease of ``balancer``
+        (see :class:`PassiveCheck`)."""
+        return PassiveCheck(
+            self, balancer, active_recovery=active_recovery, tell_others=tell_others
+        )
+
+
+class PassiveCheck:
+    """One proxy's passive check at work: its failure counts and ejections.
+
+    ``active_recovery``: an active check exists, so an ejection lasts until a probe passes.
+    ``tell_others``: where the check is shared, tells the other processes of an ejection (until
+    when, in seconds since the epoch; 0 for "until a probe passes") or of its end (``False``).
+    The ends of ejections are timed by :meth:`run`, a loop of the proxy's lifespan, so an
+    upstream comes back when its window is over whether or not requests arrive.
     """
 
     def __init__(
-        self, *, failure_window: float = 10.0, max_failed_attempts: int = 1, shared: bool = False
+        self,
+        options: PassiveHealthCheck,
+        balancer: Balancer,
+        *,
+        active_recovery: bool = False,
+        tell_others: Callable[[str, float | bool], None] | None = None,
     ) -> None:
-        check_positive("failure_window", failure_window)
-        if max_failed_attempts < 1:
-            raise OptionError("max_failed_attempts", "must be at least 1")
-        self.failure_window = failure_window
-        self.max_failed_attempts = max_failed_attempts
-        self.shared = shared
-        self.active_recovery = False  # set by the proxy when an active check exists
-        # Set by the proxy when ``shared``: tells the others of an ejection (until when, in
-        # seconds since the epoch; 0 for "until a probe passes") or of its end (False).
-        self.tell_others: Callable[[str, float | bool], None] | None = None
+        self.options = options
+        self.balancer = balancer
+        self.active_recovery = active_recovery
+        self.tell_others = tell_others if options.shared else None
         self._failures: dict[str, tuple[int, float]] = {}  # name -> (count, first failure at)
-        self._ejected: dict[str, float] = {}  # name -> when it may return
+        self._ejected: dict[str, float] = {}  # name -> when it may return (balancer clock)
         self._ejected_here: set[str] = set()  # ejections this process made (and so ends)
-        self.next_return = math.inf  # the earliest of those, checked on the request path
+        self.next_return = math.inf  # the earliest of those
+        self._woken: anyio.Event | None = None  # set when an ejection may return sooner
+        balancer.register_outcome_listener(self._count)
 
-    def watch(self, balancer: Balancer) -> None:
-        """Count the outcome of every request ``balancer`` leases a server to."""
+    def _count(self, lease: Lease) -> None:
+        if lease.outcome != "abandoned":  # the client left, or it was never sent
+            self.record(lease.server, lease.outcome == "failed")
 
-        def count(lease: Lease) -> None:
-            if lease.outcome != "abandoned":  # the client left, or it was never sent
-                self.record(balancer, lease.server, lease.outcome == "failed")
-
-        balancer.register_outcome_listener(count)
-
-    def record(self, balancer: Balancer, server: Server, failed: bool) -> None:
+    def record(self, server: Server, failed: bool) -> None:
         """Count one request's outcome (``failed`` by :func:`~asgi_leasttime.lease.is_failure`)."""
         if not failed:
             if server.name in self._failures:
                 del self._failures[server.name]
             return
-        now = balancer.clock()
+        now = self.balancer.clock()
         count, since = self._failures.get(server.name, (0, now))
-        if now - since > self.failure_window:
+        if now - since > self.options.failure_window:
             count, since = 0, now
         count += 1
         self._failures[server.name] = (count, since)
-        if count >= self.max_failed_attempts and "passive" not in server.down_flags:
+        if count >= self.options.max_failed_attempts and "passive" not in server.down_flags:
             del self._failures[server.name]
-            self._eject(balancer, server.name, f"{count} failed requests")
+            self._eject(server.name, f"{count} failed requests")
             self._ejected_here.add(server.name)
             if self.tell_others is not None:
-                until = 0.0 if self.active_recovery else time.time() + self.failure_window
+                window = self.options.failure_window
+                until = 0.0 if self.active_recovery else time.time() + window
                 self.tell_others(server.name, until)
 
-    def _eject(
-        self, balancer: Balancer, name: str, reason: str, lasts: float | None = None
-    ) -> None:
-        report_status(balancer, name, False, "passive", reason)
-        if not self.active_recovery:
-            at = balancer.clock() + (self.failure_window if lasts is None else lasts)
-            self._ejected[name] = at
-            self.next_return = min(self.next_return, at)
+    def forget(self, name: str) -> None:
+        """Drop everything counted for an upstream that left the proxy."""
+        self._failures.pop(name, None)
+        self._ejected.pop(name, None)
+        self._ejected_here.discard(name)
+        self.next_return = min(self._ejected.values(), default=math.inf)
 
-    def _end(self, balancer: Balancer, name: str, reason: str) -> None:
-        report_status(balancer, name, True, "passive", reason)
+    def _eject(self, name: str, reason: str, lasts: float | None = None) -> None:
+        report_status(self.balancer, name, False, "passive", reason)
+        if not self.active_recovery:
+            at = self.balancer.clock() + (self.options.failure_window if lasts is None else lasts)
+            self._ejected[name] = at
+            if at < self.next_return:
+                self.next_return = at
+                if self._woken is not None:
+                    self._woken.set()
+
+    def _end(self, name: str, reason: str) -> None:
+        report_status(self.balancer, name, True, "passive", reason)
         if name in self._ejected_here:
             self._ejected_here.discard(name)
             if self.tell_others is not None:
                 self.tell_others(name, False)
 
-    def probe_passed(self, balancer: Balancer, name: str, reason: str) -> None:
+    def probe_passed(self, name: str, reason: str) -> None:
         """With an active check, an ejection lasts until a probe passes (Traefik's rule): the
         passive check hands the end of its flag to the active one."""
         if self.active_recovery:
-            self._end(balancer, name, f"{reason} passed")
+            self._end(name, f"{reason} passed")
 
-    def restore_due(self, balancer: Balancer) -> None:
-        """Bring back the upstreams whose window has passed (called when ``next_return`` is due)."""
-        now = balancer.clock()
+    def restore_due(self) -> None:
+        """Bring back the upstreams whose window has passed."""
+        now = self.balancer.clock()
         for name, at in list(self._ejected.items()):
             if at <= now:
                 del self._ejected[name]
-                if name in balancer:
-                    self._end(balancer, name, "failure window over")
+                if name in self.balancer:
+                    self._end(name, "failure window over")
         self.next_return = min(self._ejected.values(), default=math.inf)
 
-    def heard(self, balancer: Balancer, name: str, until: float | bool) -> None:
+    async def run(self) -> None:
+        """End ejections as their windows pass, for the proxy's lifespan. The wait is on the
+        balancer's clock, looked at again at least once a second (a test's fake clock moves
+        without waking anyone)."""
+        while True:
+            self._woken = anyio.Event()
+            wait = self.next_return - self.balancer.clock()
+            if wait <= 0:
+                self.restore_due()
+                continue
+            with anyio.move_on_after(min(wait, 1.0)):
+                await self._woken.wait()
+
+    def heard(self, name: str, until: float | bool) -> None:
         """Another process's ejection (``until`` as :attr:`tell_others` says it), or its end."""
-        if name not in balancer or not self.shared:
+        if name not in self.balancer or not self.options.shared:
             return
         if until is False:
             self._ejected.pop(name, None)
-            report_status(balancer, name, True, "passive", "ejection over in another process")
+            report_status(self.balancer, name, True, "passive", "ejection over in another process")
             return
         lasts = None  # "until a probe passes", or for a window if this process has no probes
         if until:
             lasts = float(until) - time.time()
             if lasts <= 0:
                 return  # over already (or clocks apart by more than the window)
-        self._eject(balancer, name, "ejected by another process", lasts)
+        self._eject(name, "ejected by another process", lasts)

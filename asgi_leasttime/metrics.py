@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from asgi_leasttime._paths import path_below_root
 from asgi_leasttime.admin import WRITES, write
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.state import Fleet, fleet_totals
@@ -172,12 +173,12 @@ class AdminApp:
             self.metrics: RequestMetrics | None = RequestMetrics(proxy)
         except ImportError:
             self.metrics = None
-        proxy.metrics = self.metrics
+        proxy.observe_requests(self.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path = scope["path"][len(scope.get("root_path", "")) :] or "/"
+        path = path_below_root(scope)
         raw_path: bytes = scope.get("raw_path") or path.encode()
         if scope["method"] in WRITES or path.startswith("/upstreams/"):
             name = raw_path.decode("latin-1").rpartition("/upstreams/")[2]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote
 
+from asgi_leasttime._paths import path_below_root
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.types import ASGIApp, Receive, Scope, Send
@@ -116,7 +117,7 @@ class LeastTimeMiddleware:
             return None
         prefix = ""
         if self.paths:
-            path = _route_path(scope)
+            path = path_below_root(scope)  # below the app's own mount, as Starlette routes
             for candidate in self.paths:
                 if path == candidate or path.startswith(candidate + "/") or candidate == "/":
                     prefix = candidate
@@ -164,15 +165,6 @@ def _host(scope: Scope) -> str:
             return host.rsplit(":", 1)[0] if ":" in host else host
     server = scope.get("server")
     return str(server[0]) if server else ""
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below the app's own mount point (``root_path``), as Starlette routes it."""
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :] or "/"
-    return path
 
 
 def _below(scope: Scope, prefix: str) -> Scope:

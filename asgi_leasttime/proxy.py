@@ -6,8 +6,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+import traceback
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -21,24 +22,37 @@ from asgi_leasttime._forwarding import (
     upstream_target,
 )
 from asgi_leasttime._headers import BadRequest, RequestHeaders
+from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
-from asgi_leasttime.health import HealthCheck, PassiveHealthCheck, report_status, watch_upstream
+from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.lease import Lease
-from asgi_leasttime.state import Change, InProcessState, Record, StateStore
+from asgi_leasttime.options import OptionError
+from asgi_leasttime.state import Change, InProcessState, StateStore
 from asgi_leasttime.status import UpstreamStatus
+from asgi_leasttime.sticky import StickyCookie
+from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.types import ASGIApp, Headers, Message, Receive, Scope, Send
+from asgi_leasttime.upstream import Upstream
+from asgi_leasttime.upstreams import Member, UpstreamSet
 
 if TYPE_CHECKING:
     from asgi_leasttime._lean import LeanClient, LeanResponse
-    from asgi_leasttime.metrics import RequestMetrics
-from asgi_leasttime.sticky import StickyCookie
-from asgi_leasttime.tls import UpstreamTLS
-from asgi_leasttime.upstream import Upstream
+
+
+class RequestObserver(Protocol):
+    """What the proxy tells of every request it answers (the admin app's metrics)."""
+
+    def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
+        """One finished request: its method, the status sent, the protocol, its duration."""
+
+    def retried(self, count: int) -> None:
+        """Requests sent again on a fresh connection."""
+
 
 __all__ = ["LeastTimeProxy"]
 
-logger = logging.getLogger("asgi_leasttime")
+logger = logging.getLogger("asgi_leasttime.proxy")
 
 
 class LeastTimeProxy:
@@ -70,17 +84,17 @@ class LeastTimeProxy:
         pass_host_header: send the client's ``Host`` upstream (Traefik's default), or the
             upstream's own.
         trusted_proxies: addresses or networks whose ``X-Forwarded-*`` headers are kept.
-        balancer: a :class:`Balancer` to use instead of a new one.
+        balancer: an empty :class:`Balancer` to use instead of a new one (a clock of a
+            test's, say); the proxy adds a server for each upstream and owns them.
         upstream_client: ``"lean"`` (the default): the proxy's own HTTP/1.1 client on
             httptools (:mod:`asgi_leasttime._lean`) for plain-http upstreams, about five times
             httpx's throughput here; or ``"httpx"``. A given ``client`` or ``transport``, and
             https upstreams, always use httpx.
         freeze_gc: on startup, move every object then alive out of the garbage collector's
-            sight (``gc.freeze()``), so its full collections scan only what came after. The
-            process's modules and the app are most of the heap, and scanning them stalled every
-            request in flight: p99 at 64 connections fell from 44 ms to 18 ms in
-            ``benchmarks/proxy.py``. It acts on the whole process; pass ``False`` to leave the
-            collector alone.
+            sight (``gc.freeze()``), so its full collections scan only
+            what came after: p99 at 64 connections fell from 44 ms to 18 ms in
+            ``benchmarks/proxy.py``. It acts on the whole process, so a library leaves it off
+            by default; ``asgi-leasttime serve`` turns it on.
         state: where runtime changes to the upstreams (manual down, fenced, weight, added,
             removed) are kept and shared: :class:`~asgi_leasttime.state.InProcessState` (the
             default, this process only) or :class:`~asgi_leasttime.redis_state.RedisState`
@@ -109,7 +123,7 @@ class LeastTimeProxy:
         trusted_proxies: Iterable[str] = (),
         balancer: Balancer | None = None,
         upstream_client: Literal["httpx", "lean"] = "lean",
-        freeze_gc: bool = True,
+        freeze_gc: bool = False,
         state: StateStore | None = None,
         tls: UpstreamTLS | None = None,
     ) -> None:
@@ -122,35 +136,39 @@ class LeastTimeProxy:
             )
         self.freeze_gc = freeze_gc
         self.name = name
-        self.sticky = sticky
-        if sticky is not None:
-            sticky.bind(name, ())
+        # Option objects are read, never changed: the proxy builds its runtime from them.
+        self.sticky = sticky.named_for(name) if sticky is not None else None
         self.health_check = health_check
         self.passive_health_check = passive_health_check
-        if passive_health_check is not None:
-            passive_health_check.active_recovery = health_check is not None
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._running = False  # in its lifespan
-        self._watchers: dict[str, anyio.CancelScope] = {}  # an upstream's health checks
-        self._child_updaters: dict[str, Callable[[bool], None]] = {}  # nested proxies' status
-        self.metrics: RequestMetrics | None = None  # set by an AdminApp
+        if balancer is not None and len(balancer):
+            raise OptionError(
+                "balancer",
+                "must be empty: the proxy adds a server for each of its upstreams and owns them",
+            )
         self.balancer = (
             balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
         )
-        if passive_health_check is not None:
-            passive_health_check.watch(self.balancer)
         self.request_headers = RequestHeaders(
             pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
         )
-        self.upstreams: dict[str, Upstream] = {}
-        self._openers: dict[str, Opener] = {}  # how each upstream with a URL is reached
-        self.state = state if state is not None else InProcessState()
-        self.state.bind(self)
-        if passive_health_check is not None and passive_health_check.shared:
-            share = self.state.share
-            passive_health_check.tell_others = lambda name, until: share(
-                Change(name, "passive_down", until)
+        self.metrics: RequestObserver | None = None  # see observe_requests()
+        self._users = 0  # lifespans entered and not left
+        self._all_left: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._members = UpstreamSet(name, self.balancer, self._opener)
+        self._by_name = self._members.by_name
+        self._members.added.append(self._follow_added)
+        self._members.removed.append(self._forget)
+        self.state: StateStore = (state or InProcessState()).attached(self._members)
+        self.passive: PassiveCheck | None = None
+        """The passive check at work, built from ``passive_health_check``."""
+        if passive_health_check is not None:
+            self.passive = passive_health_check.start(
+                self.balancer,
+                active_recovery=health_check is not None,
+                tell_others=self._tell_ejection,
             )
+            self._members.passive = self.passive
         self._timeout = timeout
         self._limits = limits
         self._transport = transport
@@ -165,142 +183,133 @@ class LeastTimeProxy:
         if client is not None:
             forget_cookies(client)
         for upstream in upstreams:
-            self._add(Upstream(upstream) if isinstance(upstream, str) else upstream)
+            self._members.add(Upstream(upstream) if isinstance(upstream, str) else upstream)
 
     # -- upstreams and status ---------------------------------------------------------------------
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        """Every upstream by name, in the order they were added (a copy: change them through
+        the methods below)."""
+        return self._members.upstreams()
+
+    @property
+    def members(self) -> UpstreamSet:
+        """The upstreams and everything kept for each (see :class:`UpstreamSet`)."""
+        return self._members
 
     def add_upstream(self, upstream: str | Upstream) -> Upstream:
         """Add an upstream while the proxy runs; it starts up and cold. An upstream with a URL
         is added in every process sharing this proxy's state store."""
         if isinstance(upstream, str):
             upstream = Upstream(upstream)
-        self._add(upstream)
+        self._members.add(upstream)
         if upstream.url is not None:
-            value = {"url": str(upstream.url), "weight": upstream.weight, "fenced": upstream.fenced}
-            self.state.share(Change(upstream.name, "add", value))
+            self.state.share(
+                Change(
+                    upstream.name,
+                    url=str(upstream.url),
+                    weight=upstream.weight,
+                    fenced=upstream.fenced,
+                )
+            )
         return upstream
 
     def remove_upstream(self, name: str) -> None:
         """Remove an upstream and everything the proxy keeps for it: its health checks stop
-        (a nested proxy's too) and its sticky cookies get a fresh pick; its requests in flight
-        finish. Shared through the state store."""
-        self._remove(name)
-        self.state.share(Change(name, "remove"))
+        (a nested proxy's too), its sticky cookies get a fresh pick, its idle connections
+        close; its requests in flight finish. Shared through the state store."""
+        self.change(Change(name, removed=True))
 
     def set_status(self, name: str, up: bool) -> None:
         """Mark an upstream down by hand, or clear that mark (the in-process health API). A
         health check never clears a manual down, and a manual up does not clear a failing check's
         down: the upstream takes requests once no source says it is down. Shared through the
         state store."""
-        self.balancer.set_status(name, up, "manual")
-        self.state.share(Change(name, "down", not up))
+        self.change(Change(name, down=not up))
 
     def set_fenced(self, name: str, fenced: bool) -> None:
         """Drain an upstream (no new picks, sticky clients still served) or take it back.
         Shared through the state store."""
-        self.balancer.set_fenced(name, fenced)
-        self.state.share(Change(name, "fenced", fenced))
+        self.change(Change(name, fenced=fenced))
 
     def set_weight(self, name: str, weight: float) -> None:
-        """Change an upstream's weight; its statistics are kept. Shared through the state
+        """Change an upstream's weight; its statistics are kept. A weight of 0 leaves it out of
+        the picks (as in Traefik) until it gets a weight again. Shared through the state
         store."""
-        self._set_weight(name, weight)
-        self.state.share(Change(name, "weight", weight))
+        self.change(Change(name, weight=weight))
 
-    # Everything keyed by an upstream's name is added in _add and removed in _remove.
+    def change(self, change: Change) -> None:
+        """Apply a :class:`~asgi_leasttime.state.Change` here, whole or not at all, and share
+        it through the state store: what every ``set_*`` method does."""
+        self._members.apply(change)
+        self.state.share(change)
 
-    def _add(self, upstream: Upstream) -> None:
-        if upstream.name in self.upstreams:
-            raise ValueError(f"an upstream named {upstream.name!r} is already in this proxy")
-        server = self.balancer.add(upstream.name, weight=upstream.weight, fenced=upstream.fenced)
-        if server is None:
-            return  # weight 0: left out, as in Traefik
-        name = upstream.name
-        self.upstreams[name] = upstream
-        if upstream.url is not None:
-            self._openers[name] = self._opener(upstream)
-        if self.sticky is not None:
-            self.sticky.add_server(name)
+    def _tell_ejection(self, name: str, until: float | bool) -> None:
+        if until is False:
+            self.state.share(Change(name, passive_down=False))
+        else:
+            self.state.share(Change(name, passive_down=True, passive_until=until))
+
+    def _follow_added(self, member: Member) -> None:
         if self._task_group is not None:
-            self._watch(upstream, self._task_group)
-        child = upstream.app
+            self._watch(member, self._task_group)
+        child = member.upstream.app
         if isinstance(child, LeastTimeProxy):
             # A balancer of balancers: the child's overall status is this upstream's status.
+            name, balancer = member.name, self.balancer
+
             def follow_child(up: bool) -> None:
-                self.balancer.set_status(name, up, "parent")
+                if name in balancer:  # left out (weight 0): nothing to follow
+                    balancer.set_status(name, up, "parent")
 
             child.balancer.register_status_updater(follow_child)
-            self._child_updaters[name] = follow_child
+            member.child_link = follow_child
             if not child.balancer.up:
-                self.balancer.set_status(name, False, "parent")
+                follow_child(False)
 
-    def _remove(self, name: str) -> None:
-        self.balancer.remove(name)
-        upstream = self.upstreams.pop(name)
-        self._openers.pop(name, None)
-        if self.sticky is not None:
-            self.sticky.remove_server(name)
-        watcher = self._watchers.pop(name, None)
-        if watcher is not None:
-            watcher.cancel()
-        child = upstream.app
+    def _forget(self, member: Member) -> None:
+        """What the proxy hangs on an upstream that left: its checks, its link to a nested
+        proxy, its pooled idle connections (unless another upstream shares its origin)."""
+        if member.watcher is not None:
+            member.watcher.cancel()
+        child = member.upstream.app
         if isinstance(child, LeastTimeProxy):
-            child.balancer.unregister_status_updater(self._child_updaters.pop(name))
+            child.balancer.unregister_status_updater(member.child_link)
             child._stop_watching()
-
-    def _set_weight(self, name: str, weight: float) -> None:
-        self.balancer.set_weight(name, weight)
-        self.upstreams[name].weight = weight
+        upstream = member.upstream
+        if upstream.url is None:
+            return
+        origin = (upstream.url.scheme, upstream.host, upstream.port)
+        for other in self._members:
+            url = other.upstream.url
+            if url is not None and (url.scheme, other.upstream.host, other.upstream.port) == origin:
+                return
+        if self._lean is not None:
+            self._lean.retire(upstream.host, upstream.port, upstream.url.scheme == "https")
+        if self._client is not None:
+            transport = getattr(self._client, "_transport", None)
+            retire = getattr(transport, "retire", None)
+            if retire is not None:
+                retire(upstream.url)
 
     def _stop_watching(self) -> None:
         """Stop every health check of this proxy and of the proxies nested in it."""
-        for watcher in self._watchers.values():
-            watcher.cancel()
-        self._watchers.clear()
-        for upstream in self.upstreams.values():
-            if isinstance(upstream.app, LeastTimeProxy):
-                upstream.app._stop_watching()
-
-    def _probed(self, name: str, healthy: bool, reason: str) -> None:
-        """An active probe's result, here or from the process that probes for all."""
-        report_status(self.balancer, name, healthy, "active", reason)
-        if healthy and self.passive_health_check is not None:
-            self.passive_health_check.probe_passed(self.balancer, name, reason)
-
-    def _apply_record(self, name: str, record: Record) -> None:
-        """Bring an upstream to what a record from the state store says of it."""
-        if record.get("removed"):
-            if name in self.upstreams:
-                self._remove(name)
-            return
-        upstream = self.upstreams.get(name)
-        if upstream is None:
-            if "url" not in record:
-                return  # a change to an upstream this process was not configured with
-            options = {k: record[k] for k in ("weight", "fenced") if k in record}
-            self._add(Upstream(record["url"], name=name, **options))
-        if "weight" in record and record["weight"] != self.upstreams[name].weight:
-            self._set_weight(name, record["weight"])
-        if "fenced" in record:
-            self.balancer.set_fenced(name, record["fenced"])
-        if "down" in record:
-            self.balancer.set_status(name, not record["down"], "manual")
-        server = self.balancer[name]
-        if "active_down" in record and record["active_down"] != ("active" in server.down_flags):
-            self._probed(name, not record["active_down"], "the active check of another process")
-        if "passive_down" in record and self.passive_health_check is not None:
-            until = record["passive_down"] and record.get("passive_until", 0)
-            if record["passive_down"] != ("passive" in server.down_flags):
-                self.passive_health_check.heard(self.balancer, name, until)
+        for member in self._members:
+            if member.watcher is not None:
+                member.watcher.cancel()
+                member.watcher = None
+            if isinstance(member.upstream.app, LeastTimeProxy):
+                member.upstream.app._stop_watching()
 
     def upstream_status(self) -> list[UpstreamStatus]:
-        """Every upstream with its status and statistics, in the order they were added."""
-        now = self.balancer.clock()
-        return [
-            UpstreamStatus.of(upstream, server, now)
-            for upstream in self.upstreams.values()
-            if (server := self.balancer.get(upstream.name)) is not None
-        ]
+        """Every upstream in the picks with its status and statistics, in the order added."""
+        return self._members.statuses()
+
+    def observe_requests(self, observer: RequestObserver | None) -> None:
+        """Tell ``observer`` of every request this proxy answers (an
+        :class:`~asgi_leasttime.metrics.AdminApp` gives its metrics here); ``None`` stops."""
+        self.metrics = observer
 
     # -- the client and the lifespan --------------------------------------------------------------
 
@@ -324,59 +333,100 @@ class LeastTimeProxy:
             client, self._client = self._client, None
             await client.aclose()
 
+    @property
+    def running(self) -> bool:
+        """Whether the proxy is in its lifespan (started and not yet stopped)."""
+        return self._users > 0
+
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
-        """For ``Starlette(lifespan=proxy.lifespan)``: open the client and start the health
-        checks (and those of in-process child proxies) on startup; stop and close on shutdown.
-        Entered again while it runs (a middleware's lifespan and the app's both naming it), it
-        does nothing more."""
-        if self._running:
-            yield
-            return
-        self._running = True
-        async with contextlib.AsyncExitStack() as stack:
-            stack.callback(setattr, self, "_running", False)
-            _ = self.client
-            stack.push_async_callback(self.aclose)
-            await stack.enter_async_context(self.state.running())
-            for upstream in self.upstreams.values():
-                if isinstance(upstream.app, LeastTimeProxy):
-                    await stack.enter_async_context(upstream.app.lifespan())
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            for upstream in self.upstreams.values():
-                self._watch(upstream, task_group)
-            self._task_group = task_group
-            if self.freeze_gc:
-                gc.collect()  # garbage left from start-up is freed, not frozen
-                gc.freeze()
+        """For ``Starlette(lifespan=proxy.lifespan)``: open the client and start the background
+        loops (health checks, the passive check's timer, the state store, and those of
+        in-process child proxies) on startup; stop and close on shutdown. Entered again while
+        it runs (a middleware's lifespan and the app's both naming it), it counts its users and
+        stops when the last one leaves."""
+        if self._users:
+            self._users += 1
             try:
                 yield
             finally:
-                self._task_group = None
-                self._watchers.clear()
-                task_group.cancel_scope.cancel()
+                self._users -= 1
+                if not self._users and self._all_left is not None:
+                    self._all_left.set()
+            return
+        self._users = 1
+        self._all_left = anyio.Event()
+        try:
+            async with self._start():
+                try:
+                    yield
+                finally:
+                    self._users -= 1
+                    if self._users:  # another user, in another task, is still inside
+                        await self._all_left.wait()
+        finally:
+            self._users = 0
+            self._all_left = None
 
-    def _watch(self, upstream: Upstream, task_group: anyio.abc.TaskGroup) -> None:
-        check = self.health_check
+    @contextlib.asynccontextmanager
+    async def _start(self) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            _ = self.client
+            stack.push_async_callback(self.aclose)
+            for member in self._members:
+                if isinstance(member.upstream.app, LeastTimeProxy):
+                    await stack.enter_async_context(member.upstream.app.lifespan())
+            # Every loop of this proxy lives in one task group, cancelled on the way out.
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)
+            await stack.enter_async_context(self.state.running(task_group))
+            if self.passive is not None:
+                task_group.start_soon(keep_running, "the passive check", self.passive.run, logger)
+            self._task_group = task_group
+            stack.callback(self._stopped)
+            for member in self._members:
+                self._watch(member, task_group)
+            if self.freeze_gc:
+                gc.collect()  # garbage left from start-up is freed, not frozen
+                gc.freeze()
+            yield
+
+    def _stopped(self) -> None:
+        self._task_group = None
+        for member in self._members:
+            member.watcher = None
+
+    def _watch(self, member: Member, task_group: anyio.abc.TaskGroup) -> None:
+        check, upstream = self.health_check, member.upstream
         if check is None or upstream.url is None:
             return
         # A scope of the watcher's own, so removing the upstream stops just its checks.
-        watcher = self._watchers[upstream.name] = anyio.CancelScope()
+        watcher = member.watcher = anyio.CancelScope()
 
         async def watch() -> None:
-            with watcher:
-                await watch_upstream(
-                    check, self.state, upstream, lambda: self.client, self.tls.server_name
-                )
+            await watch_upstream(
+                check, self.state, upstream, lambda: self.client, self.tls.server_name
+            )
 
-        task_group.start_soon(watch)
+        async def watched() -> None:
+            with watcher:
+                await keep_running(f"the health check of {upstream.name!r}", watch, logger)
+
+        task_group.start_soon(watched)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        assert message["type"] == "lifespan.startup"
-        async with self.lifespan():
-            await send({"type": "lifespan.startup.complete"})
-            await receive()  # lifespan.shutdown
+        # As Starlette's router: a failure is sent as startup.failed or shutdown.failed.
+        started = False
+        await receive()  # lifespan.startup
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": failed, "message": traceback.format_exc()})
+            raise
         await send({"type": "lifespan.shutdown.complete"})
 
     # -- requests ---------------------------------------------------------------------------------
@@ -406,13 +456,11 @@ class LeastTimeProxy:
         A valid sticky cookie naming an up server (fenced or not) wins; otherwise a pick.
         Raises :class:`NoAvailableServer`.
         """
-        balancer, sticky, passive = self.balancer, self.sticky, self.passive_health_check
-        if passive is not None and passive.next_return <= balancer.clock():
-            passive.restore_due(balancer)
+        balancer, sticky = self.balancer, self.sticky
         if sticky is None:
             return balancer.acquire(), None
-        name = sticky.server_from(scope["headers"])
-        server = balancer.get(name) if name is not None else None
+        member = sticky.known_in(scope["headers"], self._members.by_sticky_id)
+        server = member.server if member is not None else None
         if server is not None and server.up:
             lease = balancer.lease(server)  # sticky traffic weighs on the scores too
             return lease, [sticky.set_cookie_header(server.name)] if sticky.sliding else None
@@ -429,7 +477,7 @@ class LeastTimeProxy:
 
     async def _counted(
         self,
-        metrics: RequestMetrics,
+        metrics: RequestObserver,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -461,7 +509,11 @@ class LeastTimeProxy:
                 await send_error(send, 503, "no available server")
             return
         try:
-            upstream = self.upstreams[lease.server.name]
+            member = self._by_name.get(lease.server.name)
+            if member is None:  # a server put in the balancer by hand, not an upstream
+                await send_error(send, 503, "no available server")
+                return
+            upstream = member.upstream
             if upstream.app is not None:
                 app = upstream.app
                 await self._forward_in_process(app, lease, scope, receive, send, set_cookie)
@@ -473,7 +525,7 @@ class LeastTimeProxy:
                 await send_error(send, 400, f"bad request: {exc}")
                 return
             outcome = await forward_http(
-                self._openers[upstream.name],
+                member.opener,
                 target,
                 upstream.name,
                 scope,
@@ -551,7 +603,11 @@ class LeastTimeProxy:
             await send({"type": "websocket.close", "code": 1013, "reason": "no available server"})
             return
         with lease:
-            upstream = self.upstreams[lease.server.name]
+            member = self._by_name.get(lease.server.name)
+            if member is None:  # a server put in the balancer by hand, not an upstream
+                await send({"type": "websocket.close", "code": 1013})
+                return
+            upstream = member.upstream
             if upstream.app is not None:
                 await self._websocket_in_process(upstream.app, lease, scope, receive, send)
                 return

@@ -30,15 +30,18 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
+import anyio.abc
 import redis.asyncio
 import redis.exceptions
 
+from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.options import OptionError, check_positive
 from asgi_leasttime.state import Change, Fleet, Record, StateStore, merge, valid_record
 
 __all__ = ["RedisState"]
 
-logger = logging.getLogger("asgi_leasttime")
+logger = logging.getLogger("asgi_leasttime.state")
 
 BACKOFF_FIRST, BACKOFF_MOST = 0.1, 2.0
 
@@ -58,6 +61,12 @@ class RedisState(StateStore):
         prefix: the keys' prefix; the proxy's name is added, so several proxies can share one
             server.
         password: the server's password, if not in the URL.
+        report_every: seconds between this process's reports of its figures (``/status`` and
+            ``/metrics`` of any process add up every process's); ``None`` reports nothing (a
+            process that serves no traffic).
+
+    Given to a proxy, it is an option: the proxy makes its own store from it
+    (:meth:`~asgi_leasttime.state.StateStore.attached`), with a connection of its own.
     """
 
     def __init__(
@@ -66,13 +75,14 @@ class RedisState(StateStore):
         *,
         prefix: str = "asgi-leasttime",
         password: str | None = None,
-        report_every: float = 1.0,
+        report_every: float | None = 1.0,
     ) -> None:
         super().__init__()
         check_positive("report_every", report_every)
         self.url = url
         self._prefix = prefix
-        self.report_every: float | None = report_every
+        self._password = password
+        self.report_every = report_every
         try:
             # health_check_interval: a silent connection (the server gone without a word) is
             # noticed by a PING within that many seconds. socket_timeout: a command that gets
@@ -98,38 +108,59 @@ class RedisState(StateStore):
         self._ignored_at = 0.0
         self._stopping = False  # the proxy's lifespan is ending: every loop ends
 
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that make a store like this one."""
+        return {
+            "url": self.url,
+            "prefix": self._prefix,
+            "password": self._password,
+            "report_every": self.report_every,
+        }
+
     @property
     def connected(self) -> bool:
         """Whether the store is in step with the server right now."""
         return self._connected
 
     def _key(self, what: str) -> str:
-        name = self.proxy.name if self.proxy is not None else "leasttime"
+        name = self.host.name if self.host is not None else "leasttime"
         return f"{self._prefix}:{name}:{what}"
 
     # -- the proxy's side -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[None]:
-        """Follow the server's changes and write this process's for the proxy's lifespan."""
+    async def running(self, task_group: anyio.abc.TaskGroup) -> AsyncIterator[None]:
+        """Follow the server's changes and write this process's for the proxy's lifespan, with
+        the loops in the proxy's task group (each restarted if it meets an unexpected error)."""
         self._stopping = False
-        tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._write_pending())]
-        if self.report_every is not None:
-            tasks.append(asyncio.create_task(self._report()))
+        loops = anyio.CancelScope()
+
+        async def run_loops() -> None:
+            with loops:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(
+                        keep_running, "following the state store", self._follow, logger
+                    )
+                    group.start_soon(
+                        keep_running, "writing to the state store", self._write_pending, logger
+                    )
+                    if self.report_every is not None:
+                        group.start_soon(
+                            keep_running, "reporting to the state store", self._report, logger
+                        )
+
+        task_group.start_soon(run_loops)
         try:
             yield
         finally:
             # A cancellation that arrives inside a redis-py command can come out as a
-            # connection error, which the loops take for an outage and go on: each loop also
-            # stops at this flag, and the wait is bounded, so a shutdown never hangs on one.
+            # connection error, which the loops take for an outage: each loop also stops at
+            # this flag, and the hand-over of probes is bounded, so a shutdown never hangs.
             self._stopping = True
             self._wake_writer.set()
-            for task in tasks:
-                task.cancel()
-            _, stuck = await asyncio.wait(tasks, timeout=5)
-            for task in stuck:
-                logger.warning("state store: %r did not stop; left behind", task)
-            await self._give_up_probes()
+            loops.cancel()
+            with anyio.move_on_after(5, shield=True):
+                await self._give_up_probes()
             await self._client.aclose()
 
     def share(self, change: Change) -> None:
@@ -141,7 +172,6 @@ class RedisState(StateStore):
     async def submit(self, change: Change) -> None:
         """Write ``change`` to the server and apply the record it makes; while the server is
         away, apply it here and queue it like :meth:`share`."""
-        record = merge(None, change, 1)  # refuses what no upstream could take
         if self._connected and not self._pending:
             try:
                 name, record = await self._write(change)
@@ -150,8 +180,7 @@ class RedisState(StateStore):
             else:
                 self.apply(name, record)
                 return
-        assert self.proxy is not None
-        self.proxy._apply_record(change.name, record)
+        self._host().apply(change)
         self.share(change)
 
     # -- what each process carries ----------------------------------------------------------------
@@ -165,11 +194,11 @@ class RedisState(StateStore):
         expiry = max(int(3 * self.report_every * 1000), 1000)
         while not self._stopping:
             await asyncio.sleep(self.report_every)
-            if not self._connected or self.proxy is None:
+            if not self._connected or self.host is None:
                 continue
             figures = {
                 status.name: json.dumps({name: getattr(status, name) for name in FIGURES})
-                for status in self.proxy.upstream_status()
+                for status in self.host.statuses()
             }
             if not figures:
                 continue
@@ -231,8 +260,7 @@ class RedisState(StateStore):
         return False
 
     def _held_down_passively(self, name: str) -> bool:
-        server = self.proxy.balancer.get(name) if self.proxy is not None else None
-        return server is not None and "passive" in server.down_flags
+        return self.host is not None and "passive" in self.host.down_flags(name)
 
     async def _give_up_probes(self) -> None:
         """Hand the probe leases over at once rather than let them run out."""
@@ -319,7 +347,7 @@ class RedisState(StateStore):
             if self._epoch is not None:
                 logger.warning("state store %s was reset: following its new state", self.url)
             self._epoch = epoch
-            self.versions.clear()
+            self.forget()
         for name, raw in (await self._client.hgetall(self._key("records"))).items():
             self._take(name, raw)
 

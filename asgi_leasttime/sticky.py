@@ -8,16 +8,20 @@ itself instead of trusting the browser to drop it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from itsdangerous import BadData, TimestampSigner
 
 from asgi_leasttime.options import OptionError
 
-__all__ = ["StickyCookie"]
+__all__ = ["StickyCookie", "cookie_name_for", "server_id"]
 
+
+T = TypeVar("T")
 
 SALT = "asgi-leasttime.sticky"
 """Salt of the signature: a value signed for anything else with the same key does not pass."""
@@ -90,38 +94,38 @@ class StickyCookie:
         self.sliding = sliding
         keys = [key.encode() if isinstance(key, str) else key for key in given]
         self._signer = TimestampSigner(keys, salt=SALT)
-        self._ids: dict[str, str] = {}  # opaque id -> server name
+        self._settle()
 
-    def bind(self, proxy_name: str, servers: Iterable[str]) -> None:
-        """Settle the cookie's name and learn the servers' ids (the proxy calls this)."""
-        if self.name is None:
-            self.name = cookie_name_for(proxy_name)
-        self._name_bytes = self.name.encode("ascii")
+    def _settle(self) -> None:
+        self._name_bytes = (self.name or "").encode("ascii")
         self._attributes = self._cookie_attributes()
-        for server in servers:
-            self.add_server(server)
 
-    def add_server(self, name: str) -> None:
-        """Learn one more server's id."""
-        self._ids[server_id(name)] = name
+    def named_for(self, proxy_name: str) -> StickyCookie:
+        """These options with the cookie's name settled: the given one, or one made from the
+        proxy's name. The proxy keeps what this returns; this object is left as it is, so one
+        ``StickyCookie`` can serve several proxies."""
+        if self.name is not None:
+            return self
+        cookie = copy.copy(self)
+        cookie.name = cookie_name_for(proxy_name)
+        cookie._settle()
+        return cookie
 
-    def remove_server(self, name: str) -> None:
-        """Forget a server's id: its cookies then get a fresh pick."""
-        self._ids.pop(server_id(name), None)
-
-    def server_from(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-        """The server a request's valid sticky cookie names, or ``None``.
+    def known_in(self, headers: Iterable[tuple[bytes, bytes]], known: Mapping[str, T]) -> T | None:
+        """What ``known`` holds for the server id of a request's valid sticky cookie (see
+        :func:`server_id`), or ``None``.
 
         Missing, tampered, expired, truncated, oversized or unknown: ``None``, never an error.
+        Which ids are known is the proxy's to say: it holds its upstreams.
         """
         for value in self._cookie_values(headers):
             try:
                 unsigned = self._signer.unsign(value, max_age=self.max_age)
             except (BadData, ValueError, TypeError):
                 continue
-            name = self._ids.get(unsigned.decode("ascii", "replace"))
-            if name is not None:
-                return name
+            found = known.get(unsigned.decode("ascii", "replace"))
+            if found is not None:
+                return found
         return None
 
     def set_cookie_header(self, server: str) -> tuple[bytes, bytes]:

@@ -8,7 +8,7 @@ import httpx
 
 from asgi_leasttime.options import OptionError, check_not_negative
 
-__all__ = ["Upstream"]
+__all__ = ["Upstream", "check_url"]
 
 
 class Upstream:
@@ -20,7 +20,8 @@ class Upstream:
         app: instead of a URL, an ASGI app called in-process (for instance another
             :class:`~asgi_leasttime.LeastTimeProxy`: a balancer of balancers).
         name: how the balancer, the status API and the metrics call it; defaults to the URL.
-        weight: share at equal speed; 0 leaves the upstream out, as in Traefik.
+        weight: share at equal speed; 0 leaves the upstream out of the picks, as in Traefik
+            (it stays known, and a weight given later brings it in).
         fenced: draining: no new picks, sticky clients still served.
     """
 
@@ -65,6 +66,11 @@ class Upstream:
         """The upstream URL for a request target (raw path and query) below the mount."""
         assert self.url is not None
         return self.url.copy_with(raw_path=self.base_path + target)
+
+
+def check_url(url: str) -> None:
+    """Raise :class:`~asgi_leasttime.options.OptionError` unless ``url`` can be an upstream's."""
+    _parse_url(url)
 
 
 def _parse_url(url: str) -> httpx.URL:

@@ -45,15 +45,15 @@ async def follow(url: str, changes: int) -> None:
     """A follower: note when each weight arrives, print them as JSON."""
     proxy = proxy_on(url)
     arrived: dict[int, float] = {}
-    apply = proxy._apply_record
+    apply = proxy.members.apply
 
-    def noting(name: str, record: dict[str, object]) -> None:
-        apply(name, record)
-        weight = record.get("weight")
+    def noting(change: Change) -> None:
+        apply(change)
+        weight = change.fields.get("weight")
         if isinstance(weight, int):
             arrived.setdefault(weight, time.time())
 
-    proxy._apply_record = noting  # type: ignore[method-assign]
+    proxy.members.apply = noting  # type: ignore[method-assign]
     async with proxy.lifespan():
         await until_connected(proxy)
         print("ready", flush=True)

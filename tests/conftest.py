@@ -27,6 +27,16 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _first_failures_logged() -> None:
+    """The warnings about failed requests are rate-limited per upstream for the whole process,
+    and upstream names (ports among them) repeat between tests: each test starts afresh."""
+    from asgi_leasttime import _forwarding, _websocket
+
+    _forwarding._failures.clear()
+    _websocket._refusals.clear()
+
+
+@pytest.fixture(autouse=True)
 def _dump_tasks_when_stuck(request: pytest.FixtureRequest) -> Iterator[None]:
     """A test still running after STUCK_AFTER seconds prints the stack of every asyncio task,
     which a thread dump does not show: the await a hang waits on is in one of them."""

@@ -274,3 +274,24 @@ def test_two_serve_commands_share_a_store(tmp_path: Path) -> None:
                 process.send_signal(signal.SIGINT)
             for process in processes:
                 assert process.wait(20) == 0
+
+
+@pytest.mark.parametrize(("server", "frozen"), [({}, True), ({"freeze_gc": False}, False)])
+def test_serve_freezes_the_heap_once_its_app_is_built(
+    monkeypatch: pytest.MonkeyPatch, server: dict[str, bool], frozen: bool
+) -> None:
+    """The freeze is serve's (``[server] freeze_gc``, on by default), done once per process
+    when uvicorn builds the app; a library user's proxy leaves the collector alone."""
+    import gc
+    import json
+
+    from asgi_leasttime import cli
+
+    document = {"server": server, "upstreams": [{"url": "http://127.0.0.1:9"}]}
+    monkeypatch.setenv(cli.DOCUMENT_ENV, json.dumps(document))
+    gc.unfreeze()
+    try:
+        cli.create_app()
+        assert (gc.get_freeze_count() > 1000) is frozen  # the modules, the app, the test run
+    finally:
+        gc.unfreeze()  # the other tests' objects stay collectable

@@ -52,12 +52,12 @@ def test_defaults_for_a_minimal_file() -> None:
     assert proxy.sticky is None
     assert proxy.health_check is None
     assert config.section("server")["port"] == 8000
-    assert proxy.freeze_gc
+    assert config.section("server")["freeze_gc"] is True  # serve's default, not the library's
 
 
 def test_the_collector_can_be_left_alone() -> None:
     config = parse_config({"server": {"freeze_gc": False}, "upstreams": [{"url": "http://a:1"}]})
-    assert not config.build_proxy({}).freeze_gc
+    assert config.section("server")["freeze_gc"] is False
 
 
 @pytest.mark.parametrize(
@@ -284,9 +284,7 @@ def direct(table: str, key: str, value: Any) -> Any:
     options = {key: value}
     if table == "server":
         return (
-            LeastTimeProxy(upstreams=[], **options)
-            if key in ("name", "freeze_gc")
-            else (ServerOptions(**options))
+            LeastTimeProxy(upstreams=[], **options) if key == "name" else ServerOptions(**options)
         )
     if table == "balancer":
         proxy = LeastTimeProxy(upstreams=[], **options)
@@ -326,9 +324,9 @@ def from_file(table: str, key: str, value: Any) -> Any:
     proxy = config.build_proxy({})
     if table == "server":
         section = config.section(table)
-        if key in ("name", "freeze_gc"):
+        if key == "name":
             return proxy
-        return ServerOptions(host=section["host"], port=section["port"], workers=section["workers"])
+        return ServerOptions(**{k: v for k, v in section.items() if k != "name"})
     if table == "balancer":
         return proxy.balancer if key == "mode" else proxy.request_headers
     views: dict[str, Any] = {

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from asgi_leasttime import _forwarding as forwarding
-from asgi_leasttime._forwarding import WATCH_AFTER, Outcome, forward_http
+from asgi_leasttime._forwarding import WATCH_AFTER, ExchangeResult, forward_http
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ def opener_answering_after(seconds: float) -> Any:
     return open_upstream
 
 
-async def forward(seconds: float, receive: Any) -> tuple[Outcome, list[dict[str, Any]]]:
+async def forward(seconds: float, receive: Any) -> tuple[ExchangeResult, list[dict[str, Any]]]:
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -103,7 +103,9 @@ async def never_leaves() -> dict[str, Any]:
     raise AssertionError
 
 
-async def forward_with(open_upstream: Any, method: str) -> tuple[Outcome, list[dict[str, Any]]]:
+async def forward_with(
+    open_upstream: Any, method: str
+) -> tuple[ExchangeResult, list[dict[str, Any]]]:
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:

@@ -259,8 +259,7 @@ async def test_passive_check_ejects_a_failing_upstream_and_returns_it_after_the_
         assert await served_by(client, 3) == {"b": 3}
         a.fail_with = None
         clock.now += 0.2
-        await client.get("/")
-        assert up(proxy, "a")
+        await wait_until(lambda: up(proxy, "a"))  # the check's own timer, no request needed
 
 
 async def test_passive_check_counts_unreachable_upstreams() -> None:
@@ -280,37 +279,37 @@ async def test_passive_check_counts_unreachable_upstreams() -> None:
 async def test_a_success_clears_the_failure_count() -> None:
     clock = FakeClock()
     balancer = Balancer(clock=clock, wants_health_check=True)
-    passive = PassiveHealthCheck(max_failed_attempts=2)
+    passive = PassiveHealthCheck(max_failed_attempts=2).start(balancer)
     balancer.add("a")
     server = balancer["a"]
-    passive.record(balancer, server, failed=True)
-    passive.record(balancer, server, failed=False)
-    passive.record(balancer, server, failed=True)
+    passive.record(server, failed=True)
+    passive.record(server, failed=False)
+    passive.record(server, failed=True)
     assert server.up
-    passive.record(balancer, server, failed=True)
+    passive.record(server, failed=True)
     assert not server.up
 
 
 async def test_failures_outside_the_window_do_not_add_up() -> None:
     clock = FakeClock()
     balancer = Balancer(clock=clock, wants_health_check=True)
-    passive = PassiveHealthCheck(failure_window=10, max_failed_attempts=2)
+    passive = PassiveHealthCheck(failure_window=10, max_failed_attempts=2).start(balancer)
     balancer.add("a")
-    passive.record(balancer, balancer["a"], failed=True)
+    passive.record(balancer["a"], failed=True)
     clock.now += 11
-    passive.record(balancer, balancer["a"], failed=True)
+    passive.record(balancer["a"], failed=True)
     assert balancer["a"].up
 
 
 def test_with_an_active_check_the_window_alone_does_not_bring_it_back() -> None:
     clock = FakeClock()
     balancer = Balancer(clock=clock, wants_health_check=True)
-    passive = PassiveHealthCheck(failure_window=10)
-    passive.active_recovery = True  # what LeastTimeProxy sets when it has a HealthCheck
+    # What LeastTimeProxy asks for when it has a HealthCheck too.
+    passive = PassiveHealthCheck(failure_window=10).start(balancer, active_recovery=True)
     balancer.add("a")
-    passive.record(balancer, balancer["a"], failed=True)
+    passive.record(balancer["a"], failed=True)
     clock.now += 60
-    passive.restore_due(balancer)
+    passive.restore_due()
     assert not balancer["a"].up
 
 

@@ -239,12 +239,36 @@ async def test_a_refused_websocket_upstream_fails() -> None:
     assert outcomes(seen) == ["failed"]
 
 
-def test_a_lease_reads_as_its_server_for_code_written_before_it() -> None:
+def test_a_lease_is_not_its_server() -> None:
     balancer, _ = leased("a", "b")
-    lease = balancer.acquire()  # once a Server: its name, statistics and the primitives work
-    assert (lease.name, lease.inflight) == (lease.server.name, 1)
-    balancer.record_ttfb(lease, 0.004)
-    balancer.record_failure(lease)
-    balancer.release(lease)
-    server = lease.server
+    lease = balancer.acquire()
+    with pytest.raises(AttributeError):
+        lease.name  # type: ignore[attr-defined]  # noqa: B018 - the server's: lease.server.name
+    with pytest.raises(AttributeError):
+        lease.inflight  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(AttributeError):
+        lease.anwsered(200, 0.001)  # type: ignore[attr-defined]  # a typo is an error
+    lease.release()
+    assert balancer["a"].inflight == balancer["b"].inflight == 0
+
+
+def test_the_primitives_take_the_server() -> None:
+    balancer, seen = leased("a", "b")
+    server = balancer.next_server()
+    balancer.track(server)
+    balancer.record_ttfb(server, 0.004)
+    balancer.record_failure(server)
+    balancer.release(server)
     assert (server.inflight, server.requests, server.failures, server.sample_count) == (0, 1, 1, 2)
+    assert seen == []  # only a lease tells the outcome listeners
+
+
+def test_the_lease_lives_in_the_balancer_module_and_keeps_its_old_path() -> None:
+    import asgi_leasttime
+    import asgi_leasttime.balancer
+    import asgi_leasttime.lease
+
+    assert asgi_leasttime.lease.Lease is asgi_leasttime.balancer.Lease is asgi_leasttime.Lease
+    for name in asgi_leasttime.lease.__all__:
+        assert getattr(asgi_leasttime.lease, name) is getattr(asgi_leasttime.balancer, name)
+    assert asgi_leasttime.lease.is_failure is is_failure

@@ -233,16 +233,16 @@ async def test_the_proxy_starts_before_the_app_and_stops_after_it() -> None:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        seen.append(("startup", proxy._running))
+        seen.append(("startup", proxy.running))
         yield
-        seen.append(("shutdown", proxy._running))
+        seen.append(("shutdown", proxy.running))
 
     app = FastAPI(lifespan=lifespan)
     app.add_middleware(LeastTimeMiddleware, proxy=proxy, paths=["/api"])
     async with running(app, lifespan="on"):
         pass
     assert seen == [("startup", True), ("shutdown", True)]
-    assert not proxy._running
+    assert not proxy.running
 
 
 async def test_behind_a_server_root_path_the_prefix_is_still_stripped() -> None:

@@ -504,12 +504,12 @@ def test_upstream_validation() -> None:
         Upstream(app=object())
 
 
-async def test_startup_freezes_the_heap_out_of_the_collectors_way_unless_told_not_to() -> None:
+async def test_a_library_proxy_leaves_the_collector_alone_unless_told_to_freeze() -> None:
     gc.unfreeze()
     try:
-        async with LeastTimeProxy(upstreams=["http://127.0.0.1:9"], freeze_gc=False).lifespan():
-            assert gc.get_freeze_count() == 0
         async with LeastTimeProxy(upstreams=["http://127.0.0.1:9"]).lifespan():
+            assert gc.get_freeze_count() == 0
+        async with LeastTimeProxy(upstreams=["http://127.0.0.1:9"], freeze_gc=True).lifespan():
             assert gc.get_freeze_count() > 1000  # the modules, the app, the test run
     finally:
         gc.unfreeze()  # the other tests' objects stay collectable

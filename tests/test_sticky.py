@@ -189,7 +189,7 @@ async def test_tampered_cookies_get_a_fresh_pick_and_cookie() -> None:
 
 def test_cookie_attributes() -> None:
     cookie = sticky(secure=True, httponly=True, samesite="LAX", max_age=3600, domain="example.com")
-    cookie.bind("ignored", ["a"])
+    cookie = cookie.named_for("ignored")
     _, header = cookie.set_cookie_header("a")
     assert header.endswith(
         b"; Path=/; Domain=example.com; Max-Age=3600; Secure; HttpOnly; SameSite=Lax"
@@ -197,9 +197,10 @@ def test_cookie_attributes() -> None:
 
 
 def test_session_cookie_by_default() -> None:
-    cookie = StickyCookie(secret_key=SECRET)
-    cookie.bind("my api/v2", ["a"])
+    options = StickyCookie(secret_key=SECRET)
+    cookie = options.named_for("my api/v2")
     _, header = cookie.set_cookie_header("a")
+    assert options.name is None  # the options given are left as they are
     assert cookie.name == "my_api_v2"
     assert header.startswith(b"my_api_v2=")
     assert b"Max-Age" not in header
