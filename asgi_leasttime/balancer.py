@@ -67,10 +67,10 @@ __all__ = [
 
 Mode = Literal["leasttime", "traefik"]
 
-Source = Literal["manual", "active", "passive", "parent"]
+Source = Literal["manual", "active", "passive", "parent", "refused"]
 """Who says a server is down; each source sets and clears only its own flag."""
 
-SOURCES: tuple[Source, ...] = ("manual", "active", "passive", "parent")
+SOURCES: tuple[Source, ...] = ("manual", "active", "passive", "parent", "refused")
 
 SAMPLE_SIZE = 100
 """How many of a server's most recent TTFB samples make its average (Traefik's ``sampleSize``)."""
@@ -119,7 +119,7 @@ def is_failure(status: int | None) -> bool:
     return status is None or status >= FAILURE_STATUS
 
 
-logger = logging.getLogger("asgi_leasttime")
+logger = logging.getLogger("asgi_leasttime.balancer")
 
 
 class NoAvailableServer(Exception):
@@ -211,6 +211,8 @@ class Server:
         "_last_sample_at",
         "_queueing",
         "_recheck",
+        "_refused_until",
+        "_refused_wait",
         "_requests",
         "_sample_times",
         "_samples",
@@ -247,6 +249,8 @@ class Server:
         self._last_sample_at = 0.0
         self._stale = False  # default mode: no recent sample, due a probe
         self._recheck = RECHECK_FIRST  # default mode: seconds without a sample before that
+        self._refused_until = 0.0  # refused a connection: out of the picks until then
+        self._refused_wait = RECHECK_FIRST  # the next such wait: doubles while it refuses
         self._score = 0.0  # kept current by the balancer, in the unit of _average
         self._slot = -1  # position in the balancer's list of available servers, -1 if none
 
@@ -270,7 +274,8 @@ class Server:
     def down_flags(self) -> Mapping[Source, float]:
         """Which sources say the server is down, and since when (on the balancer's clock):
         ``"manual"`` (the in-process and admin APIs), ``"active"`` and ``"passive"`` (the
-        health checks), ``"parent"`` (every upstream of a nested proxy is down)."""
+        health checks), ``"parent"`` (every upstream of a nested proxy is down), ``"refused"``
+        (it refused a connection: see :meth:`Balancer.refused`)."""
         return MappingProxyType(self._down)
 
     @property
@@ -437,6 +442,8 @@ class Balancer:
         self._up_count = 0
         self._current_deadline = 0.0
         self._next_staleness_check = 0.0
+        self.next_return = math.inf
+        """When the next server refused (:meth:`refused`) may come back, on :attr:`clock`."""
         self._updaters: list[Callable[[bool], None]] = []
         self._outcome_listeners: list[OutcomeListener] = []
         # The mode's rules, chosen once: every lease and every change of a server calls them.
@@ -527,11 +534,13 @@ class Balancer:
         """
         if source not in SOURCES:
             raise OptionError("source", f"must be one of {', '.join(map(repr, SOURCES))}")
-        server = self[name]
+        self._flag(self[name], source, up, clear_all=self._traefik)
+
+    def _flag(self, server: Server, source: Source, up: bool, clear_all: bool = False) -> None:
         flags = server._down
         if not up:
             flags.setdefault(source, self.clock())
-        elif self._traefik:
+        elif clear_all:
             flags.clear()
         else:
             flags.pop(source, None)
@@ -541,8 +550,39 @@ class Balancer:
         was_up = self.up
         server._up = now_up
         self._up_count += 1 if now_up else -1
-        logger.debug("server %r is now %s", name, "up" if now_up else "down")
+        logger.debug("server %r is now %s", server.name, "up" if now_up else "down")
         self._membership_changed(was_up)
+
+    def refused(self, server: Server) -> None:
+        """The server refused a connection (nothing was sent): out of the picks at once, in
+        either mode, with the ``"refused"`` flag. It is back after a wait of
+        :data:`RECHECK_FIRST` seconds, doubled at each refusal in a row up to
+        :data:`RECHECK_MAX` (:meth:`return_refused`), then takes one request at a time until it
+        answers (the default mode's probe of a stale server); an answer, or clearing the flag
+        (a passing health probe), starts the waits afresh."""
+        if "refused" in server._down or server.name not in self._servers:
+            return
+        wait = server._refused_wait
+        server._refused_wait = min(2 * wait, RECHECK_MAX)
+        server._refused_until = until = self.clock() + wait
+        self.next_return = min(self.next_return, until)
+        self._flag(server, "refused", False)
+
+    def return_refused(self) -> None:
+        """Bring back the servers whose wait after a refusal is over (the proxy calls this when
+        :attr:`next_return` is due; the balancer does no I/O and keeps no timer)."""
+        now = self.clock()
+        later = math.inf
+        for server in self._servers.values():
+            if "refused" not in server._down:
+                continue
+            if server._refused_until > now:
+                later = min(later, server._refused_until)
+                continue
+            if not self._traefik:
+                server._stale = True  # one request at a time until it answers
+            self._flag(server, "refused", True)
+        self.next_return = later
 
     def set_fenced(self, name: str, fenced: bool) -> None:
         """Fence (drain) a server or take it back: fenced servers get no new picks."""
@@ -759,6 +799,7 @@ class Balancer:
     def _record_ttfb_traefik(self, server: Server, seconds: float, alongside: int) -> None:
         # Go's Duration.Milliseconds(): integer nanoseconds, truncated to whole milliseconds.
         server._add_sample(float(round(seconds * 1e9) // 1_000_000))
+        server._refused_wait = RECHECK_FIRST
         self._rescore_traefik(server)
 
     def _record_ttfb_leasttime(self, server: Server, seconds: float, alongside: int) -> None:
@@ -768,6 +809,7 @@ class Balancer:
             # may have changed since (recovered, or slowed down).
             server._expire_before(math.inf)
             server._stale = False
+            server._refused_wait = RECHECK_FIRST
         else:
             server._expire_before(now - self.stale_after)
         if now - server._last_sample_at < RECHECK_FIRST:

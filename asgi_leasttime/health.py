@@ -21,8 +21,7 @@ import httpx
 from asgi_leasttime.options import OptionError, check_port, check_positive
 
 if TYPE_CHECKING:
-    from asgi_leasttime.balancer import Balancer, Server, Source
-    from asgi_leasttime.lease import Lease
+    from asgi_leasttime.balancer import Balancer, Lease, Server, Source
     from asgi_leasttime.state import StateStore
     from asgi_leasttime.upstream import Upstream
 

@@ -23,10 +23,9 @@ from asgi_leasttime._forwarding import (
 )
 from asgi_leasttime._headers import BadRequest, RequestHeaders
 from asgi_leasttime._tasks import keep_running
-from asgi_leasttime.balancer import Balancer, Mode, NoAvailableServer
+from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
-from asgi_leasttime.lease import Lease
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.state import Change, InProcessState, StateStore
 from asgi_leasttime.status import UpstreamStatus
@@ -364,6 +363,11 @@ class LeastTimeProxy:
                     self._users -= 1
                     if self._users:  # another user, in another task, is still inside
                         await self._all_left.wait()
+        except BaseExceptionGroup as group:
+            # The task group wraps what it meets; one error is shown as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             self._users = 0
             self._all_left = None
@@ -618,7 +622,16 @@ class LeastTimeProxy:
                 logger.info("WebSocket request refused: %s", exc)
                 await send({"type": "websocket.close", "code": 1008})  # a 403 to the handshake
                 return
-            await forward_websocket(url, scope, receive, send, headers, lease)
+            await forward_websocket(
+                url,
+                scope,
+                receive,
+                send,
+                headers,
+                lease,
+                tls=self.tls,
+                pass_host_header=self.request_headers.pass_host_header,
+            )
 
     async def _websocket_in_process(
         self, app: ASGIApp, lease: Lease, scope: Scope, receive: Receive, send: Send

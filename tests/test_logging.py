@@ -8,6 +8,7 @@ import importlib
 import logging
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -113,7 +114,8 @@ def test_keys_gone_quiet_are_forgotten(log: RateLimitedLog, clock: Clock) -> Non
 def test_a_dead_upstream_is_one_warning_per_window_not_one_per_request(
     clock: Clock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_forwarding._failures, "clock", clock)
+    limited = RateLimitedLog(logging.getLogger("asgi_leasttime.forwarding"), 10.0, clock=clock)
+    monkeypatch.setattr(_forwarding, "_failures", limited, raising=False)
     dead = f"http://127.0.0.1:{free_port()}"
     proxy = LeastTimeProxy(upstreams=[dead])
 
@@ -124,8 +126,6 @@ def test_a_dead_upstream_is_one_warning_per_window_not_one_per_request(
         ):
             return [(await client.get("/x")).status_code for _ in range(count)]
 
-    import anyio
-
     caplog.set_level(logging.WARNING, logger="asgi_leasttime")
     assert anyio.run(requests, 20) == [502] * 20
     failures = [r for r in caplog.records if "failed" in r.getMessage()]
@@ -133,9 +133,9 @@ def test_a_dead_upstream_is_one_warning_per_window_not_one_per_request(
     assert failures[0].getMessage().startswith(f"upstream {dead} failed: ")
     clock.now += 10
     assert anyio.run(requests, 1) == [502]
-    failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(failures) == 2
-    assert failures[1].endswith("(and 19 more like it in the last 10 s)")
+    messages = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(messages) == 2
+    assert messages[1].endswith("(and 19 more like it in the last 10 s)")
 
 
 # -- one logger per module ----------------------------------------------------------------------
@@ -162,15 +162,17 @@ def test_no_module_logs_under_the_bare_package_name() -> None:
     """Every getLogger("asgi_leasttime.<part>") in the package: none bare, none of
     ``__name__`` (``asgi_leasttime._forwarding`` is no name to configure)."""
     package = Path(asgi_leasttime.__file__).parent
-    found = {}
+    found: dict[str, str] = {}
     for source in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "getLogger":
                 (argument,) = node.args
                 assert isinstance(argument, ast.Constant), f"{source.name}: a literal name"
+                assert isinstance(argument.value, str), source.name
                 found[source.name] = argument.value
     assert found
     for module, name in found.items():
-        assert name.startswith("asgi_leasttime.") and "._" not in name, (module, name)
+        assert name.startswith("asgi_leasttime."), (module, name)
+        assert "._" not in name, (module, name)
     docs = (package.parent / "docs" / "reliability.md").read_text()
     assert all(f"`{name}`" in docs for name in found.values())
