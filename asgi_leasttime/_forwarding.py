@@ -13,27 +13,24 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 from urllib.parse import quote, unquote_to_bytes
-
-import h11
-import httpx
 
 from asgi_leasttime._headers import BadRequest, BadResponse, response_headers
 from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime._paths import path_below_root, raw_below
 from asgi_leasttime._sweeper import Sweeper
-from asgi_leasttime.types import Headers, Receive, Scope, Send
+from asgi_leasttime.errors import NoResponse, RequestRefused, ResponseBroken, UpstreamError
+from asgi_leasttime.retry import IDEMPOTENT, Retry, may_send_again
+from asgi_leasttime.types import Headers, Opener, Receive, Scope, Send, UpstreamResponse
 
 __all__ = [
+    "Again",
     "ClientDisconnected",
+    "Exchange",
     "ExchangeResult",
-    "HttpxResponse",
-    "Opener",
-    "UpstreamResponse",
     "forward_http",
-    "httpx_opener",
     "send_error",
     "upstream_target",
 ]
@@ -45,9 +42,6 @@ FAILURE_LOG_EVERY = 10.0
 failure); the lines in between are counted and the next one says how many."""
 
 _failures = RateLimitedLog(logger, FAILURE_LOG_EVERY)
-
-
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 class ClientDisconnected(Exception):
@@ -64,7 +58,7 @@ class ExchangeResult:
     ttfb: float | None  # seconds to the response head; None if none came
     status: int | None  # the upstream's status; None if it never answered
     failed: bool  # the upstream never gave an answer that could be forwarded
-    retries: int  # sent again after a pooled connection the upstream had closed
+    retries: int  # attempts after the first
 
 
 def upstream_target(scope: Scope) -> bytes:
@@ -127,96 +121,6 @@ async def send_error(send: Send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class UpstreamResponse(Protocol):
-    """What forwarding needs of an upstream's response, whichever client fetched it."""
-
-    status_code: int
-    raw_headers: Headers
-
-    async def next_chunk(self) -> tuple[bytes, bool]:
-        """The next piece of the body as it arrives, undecoded, and whether more may follow;
-        ``(b"", False)`` at the end."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-# Sends the request (method, target, headers, body or None) to one upstream and returns once
-# the response headers are in. Made once per upstream. Raises httpx's exception classes,
-# whichever client is underneath.
-Opener = Callable[[str, bytes, Headers, AsyncIterator[bytes] | None], Awaitable[UpstreamResponse]]
-
-
-class HttpxResponse:
-    """An ``httpx.Response`` seen as an :class:`UpstreamResponse`."""
-
-    __slots__ = ("_chunks", "_response", "raw_headers", "status_code")
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        self._chunks: AsyncIterator[bytes] | None = None
-        self.status_code = response.status_code
-        self.raw_headers = response.headers.raw
-
-    async def next_chunk(self) -> tuple[bytes, bool]:
-        """httpx does not say which piece is the last: each may have more after it."""
-        if self._chunks is None:
-            # The raw stream, not aiter_raw(): that closes the response as soon as the body
-            # ends, before aclose() can look at what followed it.
-            self._chunks = aiter(self._response.stream)  # type: ignore[arg-type]
-        try:
-            return await anext(self._chunks), True
-        except StopAsyncIteration:
-            return b"", False
-
-    async def aclose(self) -> None:
-        _close_if_bytes_follow(self._response)
-        await self._response.aclose()
-
-
-def _close_if_bytes_follow(response: httpx.Response) -> None:
-    """httpcore starts a connection's next exchange with the bytes that followed this response
-    still buffered in h11 (a second response in the same write, a body after a 204 or a HEAD
-    answer), and would read them as the next request's answer. Marking h11's side failed makes
-    httpcore close the connection instead of pooling it. A client whose transport is not
-    httpcore's has nothing to mark."""
-    stream = getattr(getattr(response.stream, "_stream", None), "_httpcore_stream", None)
-    connection = getattr(getattr(stream, "_stream", None), "_connection", None)
-    state = getattr(connection, "_h11_state", None)
-    if (
-        isinstance(state, h11.Connection)
-        and state.their_state is h11.DONE
-        and state.trailing_data[0]
-    ):
-        state.send_failed()
-
-
-def httpx_opener(
-    client: Callable[[], httpx.AsyncClient], url: Callable[[bytes], httpx.URL]
-) -> Opener:
-    """Send with the ``httpx.AsyncClient`` that ``client()`` gives (made on first use) to the
-    URL ``url(target)`` gives."""
-
-    async def open_upstream(
-        method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
-    ) -> UpstreamResponse:
-        # Not client.build_request(): that would merge the client's default headers
-        # (Accept-Encoding among them: upstreams would compress for clients that never asked).
-        try:
-            request_url = url(target)
-        except (httpx.InvalidURL, UnicodeError) as exc:
-            # Bytes in the path that httpx refuses: the client's request, answered 400.
-            raise httpx.LocalProtocolError(f"bad request target: {exc}") from None
-        request = httpx.Request(method, request_url, headers=headers, content=body)
-        if body is None and b"content-length" not in (name for name, _ in headers):
-            # httpx adds "Content-Length: 0" to a POST, PUT or PATCH without a body: the
-            # upstream sees the request as the client sent it.
-            request.headers.pop("content-length", None)
-        return HttpxResponse(await client().send(request, stream=True))
-
-    return open_upstream
-
-
 # How long an exchange runs before a watcher starts listening for the client leaving. Most
 # answers are complete sooner and then no watcher task is made at all (one made, run once and
 # cancelled costs about 10 us here, as much as the rest of the forwarding logic); a client that
@@ -226,16 +130,23 @@ WATCH_AFTER = 0.02
 _per_thread = threading.local()
 
 
-def _watchlist() -> Sweeper[_Exchange]:
+def _watchlist() -> Sweeper[Exchange]:
     """The exchanges in flight on this thread's event loop, checked every half WATCH_AFTER on
     the clock their ``sent_at`` is read from."""
     try:
-        watchlist: Sweeper[_Exchange] = _per_thread.watchlist
+        watchlist: Sweeper[Exchange] = _per_thread.watchlist
     except AttributeError:
         watchlist = _per_thread.watchlist = Sweeper(
-            WATCH_AFTER / 2, _Exchange.watch_if_due, clock=time.perf_counter
+            WATCH_AFTER / 2, Exchange.watch_if_due, clock=time.perf_counter
         )
     return watchlist
+
+
+Again = Callable[["Exchange", UpstreamError | None], bool]
+"""Called when an attempt failed before the client's answer started and the request may be
+sent again (``error``, or ``None`` for an upstream status the retry policy lists): the caller
+counts the failure, and either aims the exchange at another upstream (:meth:`Exchange.aim`) and
+returns true, or returns false and the failure stands."""
 
 
 def forward_http(
@@ -249,6 +160,8 @@ def forward_http(
     *,
     extra_response_headers: Headers | None = None,
     on_response: Callable[[int, float], None] | None = None,
+    again: Again | None = None,
+    retry: Retry | None = None,
 ) -> Coroutine[Any, Any, ExchangeResult]:
     """Forward one request to ``target`` upstream (``where`` names the upstream in logs) and
     stream the answer back.
@@ -257,34 +170,48 @@ def forward_http(
     a long body does not delay the balancer's information; ``ExchangeResult.failed`` says the
     upstream never gave an answer that could be forwarded. Errors become answers:
     connection failures 502, timeouts 504; after the response started, a failure cuts the
-    response off. A client that leaves cancels the exchange.
+    response off. A client that leaves cancels the exchange. With ``again`` and ``retry``, an
+    attempt that failed in a way :func:`~asgi_leasttime.retry.may_send_again` allows is handed
+    to ``again``, which may aim the exchange at another upstream.
     """
-    exchange = _Exchange(
+    exchange = Exchange(
         open_upstream, where, scope, receive, send, headers, extra_response_headers, on_response
     )
+    if again is not None:
+        exchange.allow_retries(again, retry)
     return exchange.run(target)  # the coroutine itself, awaited by the caller: one frame less
 
 
-class _Exchange(ExchangeResult):
-    """One request on its way: the upstream call, the answer streamed back, and the watcher
-    that cancels it all when the client leaves. What it learns is its own :class:`ExchangeResult`
-    (one object less a request)."""
+class Exchange(ExchangeResult):
+    """One request on its way: the upstream call (tried again elsewhere where the rules allow),
+    the answer streamed back, and the watcher that cancels it all when the client leaves. What it
+    learns is its own :class:`ExchangeResult` (one object less a request)."""
 
     __slots__ = (
+        "again",
         "body_read",
+        "body_unread",
         "client_gone",
+        "error",
         "extra_response_headers",
         "finished",
         "has_body",
         "headers",
+        "kept",
+        "kept_size",
+        "lease",
         "method",
         "on_response",
         "open_upstream",
+        "per_try",
+        "policy",
         "receive",
+        "retry_statuses",
         "send",
         "sent_at",
         "started",
         "task",
+        "tried",
         "watch_when_read",
         "watcher",
         "where",
@@ -313,8 +240,18 @@ class _Exchange(ExchangeResult):
         self.status: int | None = None
         self.failed = False
         self.retries = 0
+        self.error: UpstreamError | None = None  # what ended the last attempt, if anything did
+        self.lease: Any = None  # the caller's, for ``again``: the exchange never touches it
+        self.tried: list[str] = []  # the caller's too: the upstreams tried before this one
+        self.again: Again | None = None
+        self.policy: Retry | None = None
+        self.per_try: float | None = None  # the policy's per-try timeout, if it has one
+        self.retry_statuses: tuple[int, ...] = ()
         self.has_body = _has_body(scope["headers"])
         self.body_read = not self.has_body
+        self.body_unread = True  # no byte of the request body taken from the client yet
+        self.kept: list[bytes] | None = None  # the body read so far, while it can be resent
+        self.kept_size = 0
         self.started = False  # the response to the client
         self.finished = False
         self.client_gone = False
@@ -325,6 +262,29 @@ class _Exchange(ExchangeResult):
         # the wait before the watcher (a retry, sent at once after a failed try, restarts it).
         self.sent_at = 0.0
 
+    def allow_retries(self, again: Again, retry: Retry | None) -> None:
+        """Hand failed attempts to ``again`` (always: a refusal is news even without retries),
+        and keep what the policy ``retry`` needs to send the request again."""
+        self.again = again
+        self.policy = retry
+        if retry is not None and retry.enabled:
+            self.kept = [] if self.has_body else None
+            self.retry_statuses = retry.retry_on_status
+            self.per_try = retry.per_try_timeout
+
+    def aim(
+        self,
+        open_upstream: Opener,
+        where: str,
+        on_response: Callable[[int, float], None] | None,
+        extra_response_headers: Headers | None,
+    ) -> None:
+        """Send the next attempt to another upstream (``again`` calls this)."""
+        self.open_upstream = open_upstream
+        self.where = where
+        self.on_response = on_response
+        self.extra_response_headers = extra_response_headers
+
     async def run(self, target: bytes) -> ExchangeResult:
         # The exchange, its errors answered and the client's leaving handled, in one coroutine:
         # each frame between uvicorn and the upstream costs on every resumption.
@@ -332,21 +292,26 @@ class _Exchange(ExchangeResult):
         assert task is not None
         watchlist = _watchlist()
         watchlist.add(self, task.get_loop())
-        method, where, send = self.method, self.where, self.send
+        method, send = self.method, self.send
         try:
             try:
                 self.sent_at = time.perf_counter()
                 body = self._request_body() if self.has_body else None
                 try:
-                    response = await self.open_upstream(method, target, self.headers, body)
-                except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                    response = await self._send_again(target, exc)
+                    if self.per_try is None:
+                        response = await self.open_upstream(method, target, self.headers, body)
+                    else:
+                        response = await self._open(target, body)
+                except UpstreamError as exc:
+                    response = await self._another_attempt(target, exc)
+                if self.retry_statuses and response.status_code in self.retry_statuses:
+                    response = await self._another_attempt(target, None, response)
                 self.ttfb = ttfb = time.perf_counter() - self.sent_at
                 try:
                     try:
                         head = response_headers(response.raw_headers, response.status_code)
                     except BadResponse as exc:
-                        raise httpx.RemoteProtocolError(str(exc)) from None  # 502, a failure
+                        raise ResponseBroken(str(exc)) from None  # 502, a failure
                     self.status = status = response.status_code
                     if self.on_response is not None:
                         self.on_response(status, ttfb)
@@ -372,33 +337,20 @@ class _Exchange(ExchangeResult):
                     # request.
                     await response.aclose()
             except ClientDisconnected:
-                logger.debug("client left during %s %s", method, where)
-            except httpx.LocalProtocolError as exc:
+                logger.debug("client left during %s %s", method, self.where)
+            except RequestRefused as exc:
                 # The request could not be written as it is: the client's doing, not the
                 # upstream's.
-                logger.info("request to %s refused by the HTTP client: %r", where, exc)
+                logger.info("request to %s refused by the HTTP client: %r", self.where, exc)
                 if not self.started:
                     await _answer(send, 400, "bad request")
-            except httpx.TransportError as exc:  # timeouts included
-                self.failed = self.status is None
-                # Rate-limited per upstream: a dead one behind a busy proxy fails every request.
-                if self.started:
-                    _failures.warning(
-                        (where, "cut off"),
-                        "upstream %s failed mid-response (%r): cut off",
-                        where,
-                        exc,
-                    )
-                elif isinstance(exc, httpx.TimeoutException):
-                    _failures.warning((where, "timeout"), "upstream %s timed out: %r", where, exc)
-                    await _answer(send, 504, "gateway timeout")
-                else:
-                    _failures.warning((where, "failed"), "upstream %s failed: %r", where, exc)
-                    await _answer(send, 502, "bad gateway")
+            except UpstreamError as exc:  # timeouts included
+                await self._failed(exc)
             except Exception:
                 # A fault in the client library (h11 raising past httpcore's error mapping, for
                 # one). Answer like any upstream failure rather than let a 500 out, and say it
                 # loudly.
+                where = self.where
                 _failures.error(
                     (where, "unexpected"),
                     "forwarding %s %s failed unexpectedly",
@@ -412,7 +364,7 @@ class _Exchange(ExchangeResult):
         except asyncio.CancelledError:
             if not self.client_gone or task.uncancel() > 0:
                 raise  # cancelled from outside (shutdown): not ours to swallow
-            logger.debug("client left during %s %s", method, where)
+            logger.debug("client left during %s %s", method, self.where)
         finally:
             self.finished = True
             watchlist.discard(self)
@@ -420,8 +372,93 @@ class _Exchange(ExchangeResult):
                 self.watcher.cancel()
         return self
 
-    # -- the client leaving -----------------------------------------------------------------
+    async def _failed(self, exc: UpstreamError) -> None:
+        """The request failed for good: the client is answered (or its answer cut off)."""
+        self.error = exc
+        self.failed = self.status is None
+        where = self.where
+        # Rate-limited per upstream: a dead one behind a busy proxy fails every request.
+        if self.started:
+            _failures.warning(
+                (where, "cut off"), "upstream %s failed mid-response (%r): cut off", where, exc
+            )
+        elif exc.timed_out:
+            _failures.warning((where, "timeout"), "upstream %s timed out: %r", where, exc)
+            await _answer(self.send, 504, "gateway timeout")
+        else:
+            _failures.warning((where, "failed"), "upstream %s failed: %r", where, exc)
+            await _answer(self.send, 502, "bad gateway")
 
+    # -- attempts -------------------------------------------------------------------------------
+
+    async def _another_attempt(
+        self, target: bytes, error: UpstreamError | None, response: UpstreamResponse | None = None
+    ) -> UpstreamResponse:
+        """Attempts after the first, while the rules and the caller allow: the last error, or
+        the last answer (a status the policy lists), stands when they do not."""
+        method = self.method
+        while True:
+            if response is not None:  # a status the policy lists: this attempt's answer
+                self.on_response_seen(response)
+                if not (method in IDEMPOTENT and self._body_kept()):
+                    return response
+            elif not may_send_again(
+                error,  # type: ignore[arg-type]
+                method,
+                body_unread=self.body_unread,
+                body_kept=self._body_kept(),
+            ):
+                raise error  # type: ignore[misc]
+            self.error = error
+            if self.again is None or not self.again(self, error):
+                if response is not None:
+                    return response
+                raise error  # type: ignore[misc]
+            if response is not None:
+                await response.aclose()
+            self.retries += 1
+            logger.debug("trying %s again on %s after %r", method, self.where, error or response)
+            self.sent_at = time.perf_counter()
+            body = self._body_again() if self.has_body else None
+            error = response = None
+            try:
+                response = await self._open(target, body)
+            except UpstreamError as exc:
+                error = exc
+                continue
+            if not (self.retry_statuses and response.status_code in self.retry_statuses):
+                self.error = None
+                return response
+
+    def on_response_seen(self, response: UpstreamResponse) -> None:
+        """An attempt's answer that will not be forwarded still teaches the balancer."""
+        if self.on_response is not None:
+            self.on_response(response.status_code, time.perf_counter() - self.sent_at)
+
+    async def _open(self, target: bytes, body: AsyncIterator[bytes] | None) -> UpstreamResponse:
+        per_try = self.per_try
+        opening = self.open_upstream(self.method, target, self.headers, body)
+        if per_try is None or self.method not in IDEMPOTENT:
+            return await opening
+        try:
+            async with asyncio.timeout(per_try):
+                return await opening
+        except TimeoutError:
+            message = f"no answer within the per-try timeout ({per_try:g} s)"
+            raise NoResponse(message, per_try=True) from None
+
+    def _body_kept(self) -> bool:
+        return not self.has_body or self.kept is not None
+
+    async def _body_again(self) -> AsyncIterator[bytes]:
+        """The request body once more: what was kept, then the rest from the client."""
+        for chunk in list(self.kept or ()):
+            yield chunk
+        if not self.body_read:
+            async for chunk in self._request_body():
+                yield chunk
+
+    # -- the client leaving -----------------------------------------------------------------
     def watch_if_due(self, now: float) -> bool:
         """Start the watcher once the exchange has run WATCH_AFTER; true when done with."""
         if self.finished:
@@ -460,26 +497,22 @@ class _Exchange(ExchangeResult):
                 raise ClientDisconnected
             chunk = message.get("body", b"")
             if chunk:
+                self.body_unread = False
+                kept = self.kept
+                if kept is not None:
+                    # Kept while it is small enough to send again (the retry policy's limit).
+                    self.kept_size += len(chunk)
+                    policy = self.policy
+                    if policy is not None and self.kept_size <= policy.max_body:
+                        kept.append(chunk)
+                    else:
+                        self.kept = None
                 yield chunk
             if not message.get("more_body", False):
                 break
         self.body_read = True
         if self.watch_when_read:
             self._start_watching()
-
-    # -- the exchange ---------------------------------------------------------------------------
-
-    async def _send_again(self, target: bytes, error: Exception) -> UpstreamResponse:
-        """Once more, afresh, after the first try failed on what looks like a pooled
-        keep-alive connection the upstream had just closed; only a request without a body
-        that may be sent twice. Otherwise ``error`` stands."""
-        method = self.method
-        if self.has_body or method not in _IDEMPOTENT:
-            raise error
-        self.retries += 1
-        logger.debug("retrying %s %s after %r", method, self.where, error)
-        self.sent_at = time.perf_counter()
-        return await self.open_upstream(method, target, self.headers, None)
 
 
 async def _answer(send: Send, status: int, text: str) -> None:

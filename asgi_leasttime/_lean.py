@@ -2,8 +2,9 @@
 
 What a proxy needs and nothing more: raw headers in, raw headers out, both bodies streamed with
 flow control, keep-alive reuse, explicit timeouts. No cookies, no redirects, no decoding, no
-request or response objects beyond two small classes. Errors are httpx's exception classes, so
-the forwarding code handles this client and an ``httpx.AsyncClient`` alike.
+request or response objects beyond two small classes. Errors are the proxy's own
+(:mod:`asgi_leasttime.errors`), which say how far the request got and whether its connection was
+reused from the pool; the httpx path maps httpx's to the same.
 
 Framing is never ambiguous: bytes after a complete response close the connection (never reused,
 never read as another answer), trailer fields are dropped (they never join the header section), and
@@ -27,6 +28,13 @@ import httpx
 
 from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.client import DEFAULT_LIMITS
+from asgi_leasttime.errors import (
+    NoResponse,
+    NotConnected,
+    RequestNotSent,
+    ResponseBroken,
+    UpstreamError,
+)
 from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.types import Headers
 
@@ -50,7 +58,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.error: Exception | None = None
+        self.error: UpstreamError | None = None
+        self.reused = False  # taken from the pool's idle connections for this request
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.fresh = True  # over TLS: no answer read on it yet, its session not yet kept
@@ -63,6 +72,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False  # reading, until HIGH_WATER bytes wait to be taken
         self.head_done = False
+        self.received = False  # a byte of this request's answer came
         self.complete = False
         self.head_only = False
         self.framed = False  # a Content-Length or Transfer-Encoding header came
@@ -83,6 +93,7 @@ class _Connection(asyncio.Protocol):
             # no request: whatever they are, the connection cannot be trusted with another.
             self.close()
             return
+        self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -91,7 +102,8 @@ class _Connection(asyncio.Protocol):
             if self.complete:  # _ExtraResponse, or garbage after the end: the answer stands
                 self.close()
                 return
-            self._fail(httpx.RemoteProtocolError(f"invalid response from upstream: {exc}"))
+            message = f"invalid response from upstream: {exc}"
+            self._fail(ResponseBroken(message, reused=self.reused))
             if self.transport is not None:
                 self.transport.close()
 
@@ -106,11 +118,12 @@ class _Connection(asyncio.Protocol):
             self.complete = True
             self._wake()
         if not self.complete:
-            if self.head_done:
+            if self.received:
                 message = "upstream closed the connection mid-response"
-                self._fail(httpx.ReadError(message))
+                self._fail(ResponseBroken(message, reused=self.reused))
             else:
-                self._fail(httpx.RemoteProtocolError("upstream closed without a response"))
+                message = "upstream closed the connection without a response"
+                self._fail(NoResponse(message, reused=self.reused))
         self.can_write.set()
         self._wake()
 
@@ -195,7 +208,7 @@ class _Connection(asyncio.Protocol):
 
     # -- waiting ----------------------------------------------------------------------------------
 
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: UpstreamError) -> None:
         if self.error is None:
             self.error = exc
         self._wake()
@@ -226,7 +239,7 @@ class _Connection(asyncio.Protocol):
     def write_nowait(self, data: bytes) -> bool:
         """Hand ``data`` to the transport; whether it takes more now (else await drained)."""
         if self.closed or self.transport is None or self.transport.is_closing():
-            raise self.error or httpx.WriteError("upstream connection closed")
+            raise self.error or RequestNotSent("upstream connection closed", reused=self.reused)
         self.transport.write(data)
         return self.can_write.is_set()
 
@@ -236,7 +249,8 @@ class _Connection(asyncio.Protocol):
             async with asyncio.timeout(seconds):
                 await self.can_write.wait()
         except TimeoutError:
-            raise httpx.WriteTimeout("upstream did not read for the write timeout") from None
+            message = "upstream did not read for the write timeout"
+            raise RequestNotSent(message, reused=self.reused, timed_out=True) from None
 
     def take_body(self) -> bytes:
         data = b"".join(self.chunks) if len(self.chunks) > 1 else self.chunks.popleft()
@@ -281,7 +295,9 @@ def _read_deadlines(read_timeout: float | None) -> Sweeper[_Connection] | None:
             return True
         if now - connection.waiting_since < read_timeout:
             return False
-        wakeup.set_exception(httpx.ReadTimeout("upstream sent nothing for the read timeout"))
+        message = "upstream sent nothing for the read timeout"
+        kind = ResponseBroken if connection.received else NoResponse
+        wakeup.set_exception(kind(message, reused=connection.reused, timed_out=True))
         return True
 
     return Sweeper(min(max(read_timeout / 10, 0.005), 1.0), time_out_if_due)
@@ -365,7 +381,10 @@ class _Pool:
             async with asyncio.timeout(seconds):
                 await slot  # resolved by _free_slot, which hands its slot over
         except TimeoutError:
-            raise httpx.PoolTimeout("no free upstream connection for the pool timeout") from None
+            if slot.done() and not slot.cancelled():
+                self._free_slot()  # handed over in the very tick the wait ran out: pass it on
+            message = "no free upstream connection for the pool timeout"
+            raise NotConnected(message, timed_out=True, pool_full=True) from None
         except BaseException:
             if slot.done() and not slot.cancelled():
                 self._free_slot()  # handed over just as the wait ended: pass it on
@@ -399,6 +418,7 @@ class _Pool:
             idle_since, connection = self.idle.pop()
             if not connection.closed and idle_since > fresh_since:
                 connection._reset()
+                connection.reused = True
                 return connection
             connection.close()
         return None
@@ -422,10 +442,10 @@ class _Pool:
         except TimeoutError:
             self._free_slot()
             message = f"connecting to {self.host}:{self.port} timed out"
-            raise httpx.ConnectTimeout(message) from None
+            raise NotConnected(message, timed_out=True) from None
         except OSError as exc:  # ssl.SSLError among them: a certificate refused, say
             self._free_slot()
-            raise httpx.ConnectError(f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            raise NotConnected(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         except BaseException:  # cancelled while connecting: the client left
             self._free_slot()
             raise
@@ -539,8 +559,8 @@ class LeanClient:
         body: AsyncIterator[bytes] | None,
         https: bool = False,
     ) -> LeanResponse:
-        """Send one request (over TLS if ``https``); raises httpx's exceptions for what goes
-        wrong."""
+        """Send one request (over TLS if ``https``); raises the proxy's
+        :mod:`~asgi_leasttime.errors` for what goes wrong."""
         pool = self._pools.get((host, port, https))
         if pool is None:
             context = self.tls.context if https else None
@@ -560,7 +580,9 @@ class LeanClient:
                     await self._write_with_body(
                         connection, method, target, headers, host, shown_port, body
                     )
-                except httpx.WriteError:
+                except RequestNotSent as exc:
+                    if exc.timed_out:
+                        raise
                     await connection.until_closed()  # it reads what the upstream sent last
                     if not connection.head_done:
                         raise
@@ -571,9 +593,13 @@ class LeanClient:
                 if connection.error is not None:
                     raise connection.error
                 await connection.wait(self._deadlines)
-        except BaseException:
+        except BaseException as exc:
             connection.close()
             pool.give_back(connection)
+            if connection.reused and isinstance(exc, NoResponse | RequestNotSent):
+                # A pooled connection the upstream had closed: its other idle ones are likely
+                # closed too (a restart), and a retry must get a fresh one.
+                pool.close()
             raise
         return LeanResponse(pool, connection, self._deadlines)
 
@@ -603,6 +629,12 @@ class LeanClient:
         if chunked:
             await connection.write(b"0\r\n\r\n", seconds)
 
+    def close_idle(self, host: str, port: int, https: bool = False) -> None:
+        """Close an origin's idle connections (its upstream was fenced: it drains)."""
+        pool = self._pools.get((host, port, https))
+        if pool is not None:
+            pool.close()
+
     def retire(self, host: str, port: int, https: bool = False) -> None:
         """Close an origin's idle connections and forget its pool (its upstream left the
         proxy); the connections still in use close when their responses end."""
@@ -612,7 +644,9 @@ class LeanClient:
             pool.close()
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection; those still carrying a response close when it
+        ends."""
         for pool in self._pools.values():
+            pool.retired = True
             pool.close()
         self._pools.clear()

@@ -36,7 +36,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Literal
 
@@ -568,11 +568,20 @@ class Balancer:
         self.next_return = min(self.next_return, until)
         self._flag(server, "refused", False)
 
-    def return_refused(self) -> None:
+    def return_refused(self, soonest: bool = False) -> list[str]:
         """Bring back the servers whose wait after a refusal is over (the proxy calls this when
-        :attr:`next_return` is due; the balancer does no I/O and keeps no timer)."""
+        :attr:`next_return` is due; the balancer does no I/O and keeps no timer); their names.
+
+        ``soonest``: also the one whose wait ends first, over or not: when nothing else is left
+        to pick, one request tries it rather than none (a restarted upstream may be back already).
+        """
         now = self.clock()
+        if soonest:
+            refused = [s for s in self._servers.values() if "refused" in s._down]
+            if refused:
+                now = max(now, min(s._refused_until for s in refused))
         later = math.inf
+        returned = []
         for server in self._servers.values():
             if "refused" not in server._down:
                 continue
@@ -582,7 +591,9 @@ class Balancer:
             if not self._traefik:
                 server._stale = True  # one request at a time until it answers
             self._flag(server, "refused", True)
+            returned.append(server.name)
         self.next_return = later
+        return returned
 
     def set_fenced(self, name: str, fenced: bool) -> None:
         """Fence (drain) a server or take it back: fenced servers get no new picks."""
@@ -650,6 +661,19 @@ class Balancer:
         if scores.count(best) > 1:
             slot = self._earliest_deadline(best, slot)
         return self._available[slot]
+
+    def next_server_except(self, exclude: Container[str]) -> Server:
+        """The available server with the lowest score (ties to the earliest deadline) whose
+        name is not in ``exclude``: where a retry goes. Raises :class:`NoAvailableServer`."""
+        best: Server | None = None
+        for server in self._available:
+            if server.name in exclude:
+                continue
+            if best is None or (server._score, server._deadline) < (best._score, best._deadline):
+                best = server
+        if best is None:
+            raise NoAvailableServer
+        return best
 
     def _sampled_slot(self) -> int:
         """The lowest score of ``choices`` servers drawn at random (with replacement: cheaper,

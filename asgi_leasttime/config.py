@@ -33,6 +33,7 @@ from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.options import OptionError, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.redis_state import RedisState
+from asgi_leasttime.retry import Retry
 from asgi_leasttime.state import StateStore
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
@@ -204,6 +205,7 @@ TABLES: dict[str, Table] = {
     "health_check": Table((Part(HealthCheck),)),
     "passive_health_check": Table((Part(PassiveHealthCheck),)),
     "tls": Table((Part(UpstreamTLS),)),
+    "retry": Table((Part(Retry),)),
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
@@ -301,6 +303,7 @@ class Config:
             sticky=sticky,
             health_check=health,
             passive_health_check=passive,
+            retry=Retry(**self.section("retry")),
         )
 
     def state_store(self, environ: Mapping[str, str] | None = None) -> StateStore | None:

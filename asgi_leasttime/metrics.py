@@ -128,8 +128,24 @@ class _UpstreamCollector:
             requests.add_metric(key, status.requests)
             failures.add_metric(key, status.failures)
         yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures)
+        yield from self._retry_families()
         if self.fleet is not None:
             yield from self._fleet_families(self.fleet)
+
+    def _retry_families(self) -> Iterator[Any]:
+        """Attempts tried again elsewhere, or not and why, by the reason they failed."""
+        from prometheus_client.core import CounterMetricFamily
+
+        service = self.proxy.name
+        retries = CounterMetricFamily(
+            f"{PREFIX}_retries",
+            "Failed attempts by reason (refused, reset, no_response, timeout, status) and what "
+            "came of them (retried, or not: attempts, budget, no_upstream).",
+            labels=("service", "reason", "outcome"),
+        )
+        for (reason, outcome), count in self.proxy.retry_counts.items():
+            retries.add_metric((service, reason, outcome), count)
+        yield retries
 
     def _fleet_families(self, fleet: Fleet) -> Iterator[Any]:
         """Every process sharing the state, added up: one scrape of any of them sees all."""
@@ -232,6 +248,8 @@ class AdminApp:
             "mode": self.proxy.balancer.mode,
             "up": self.proxy.balancer.up,
             "upstreams": upstreams,
+            "retries": self.proxy.retry_counts.as_json(),
+            "budget": self.proxy.retry_budget_json(),
         }
         if fleet is not None:
             totals = fleet_totals(fleet)

@@ -14,24 +14,22 @@ import anyio
 import anyio.abc
 import httpx
 
-from asgi_leasttime._forwarding import (
-    Opener,
-    forward_http,
-    httpx_opener,
-    send_error,
-    upstream_target,
-)
+from asgi_leasttime._forwarding import Exchange, send_error, upstream_target
 from asgi_leasttime._headers import BadRequest, RequestHeaders
+from asgi_leasttime._httpx import httpx_opener
+from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
+from asgi_leasttime.errors import NotConnected, UpstreamError
 from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.options import OptionError
+from asgi_leasttime.retry import Retry, RetryBudget, RetryCounts, reason_of
 from asgi_leasttime.state import Change, InProcessState, StateStore
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
-from asgi_leasttime.types import ASGIApp, Headers, Message, Receive, Scope, Send
+from asgi_leasttime.types import ASGIApp, Headers, Message, Opener, Receive, Scope, Send
 from asgi_leasttime.upstream import Upstream
 from asgi_leasttime.upstreams import Member, UpstreamSet
 
@@ -52,6 +50,17 @@ class RequestObserver(Protocol):
 __all__ = ["LeastTimeProxy"]
 
 logger = logging.getLogger("asgi_leasttime.proxy")
+
+# One line per proxy (or upstream) per 10 s, the rest counted: a dead upstream behind a busy
+# proxy is refused, tried again and refused again many times a second.
+_retries_refused = RateLimitedLog(logger, 10.0)
+_refusals = RateLimitedLog(logger, 10.0)
+
+TIMER_STEP = 0.25
+"""Seconds between two looks of the lifespan's timer: upstreams that refused come back (their
+wait over), the retry budget's window moves."""
+
+DEFAULT_RETRY = Retry()
 
 
 class LeastTimeProxy:
@@ -102,6 +111,11 @@ class LeastTimeProxy:
             client certificate, a server name, or no verification); without one, certificates
             are verified against the system's CA store. The lean client speaks TLS itself, so
             https upstreams take the fast path too.
+        retry: when a request that failed before its answer started is tried again on another
+            upstream, how often, within which budget (:class:`~asgi_leasttime.retry.Retry`; on
+            by default: 3 attempts, retries at most 20 % of the last 10 s's requests plus 3 a
+            second). ``None`` or ``Retry(attempts=1)``: never. An upstream that refuses a
+            connection is taken out of the picks at once either way.
     """
 
     def __init__(
@@ -125,6 +139,7 @@ class LeastTimeProxy:
         freeze_gc: bool = False,
         state: StateStore | None = None,
         tls: UpstreamTLS | None = None,
+        retry: Retry | None = DEFAULT_RETRY,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -158,6 +173,11 @@ class LeastTimeProxy:
         self._by_name = self._members.by_name
         self._members.added.append(self._follow_added)
         self._members.removed.append(self._forget)
+        self._members.fenced.append(self._drain)
+        self.retry = retry if retry is not None and retry.enabled else None
+        self.retry_counts = RetryCounts()
+        """Attempts tried again, or not and why, by reason (see :mod:`asgi_leasttime.retry`)."""
+        self._budget = RetryBudget.of(self.retry) if self.retry is not None else None
         self.state: StateStore = (state or InProcessState()).attached(self._members)
         self.passive: PassiveCheck | None = None
         """The passive check at work, built from ``passive_health_check``."""
@@ -292,6 +312,12 @@ class LeastTimeProxy:
             if retire is not None:
                 retire(upstream.url)
 
+    def _drain(self, member: Member) -> None:
+        """A fenced upstream gets no new picks: its idle pooled connections close now."""
+        upstream = member.upstream
+        if self._lean is not None and upstream.url is not None:
+            self._lean.close_idle(upstream.host, upstream.port, upstream.url.scheme == "https")
+
     def _stop_watching(self) -> None:
         """Stop every health check of this proxy and of the proxies nested in it."""
         for member in self._members:
@@ -304,6 +330,14 @@ class LeastTimeProxy:
     def upstream_status(self) -> list[UpstreamStatus]:
         """Every upstream in the picks with its status and statistics, in the order added."""
         return self._members.statuses()
+
+    def retry_budget_json(self) -> dict[str, float] | None:
+        """The retry budget as ``/status`` shows it: the retries it allows now, those made and
+        those it refused since start; ``None`` with retries off."""
+        budget = self._budget
+        if budget is None:
+            return None
+        return {"allowed": budget.allowed(), "retries": budget.retries, "refused": budget.spent}
 
     def observe_requests(self, observer: RequestObserver | None) -> None:
         """Tell ``observer`` of every request this proxy answers (an
@@ -386,6 +420,7 @@ class LeastTimeProxy:
             await stack.enter_async_context(self.state.running(task_group))
             if self.passive is not None:
                 task_group.start_soon(keep_running, "the passive check", self.passive.run, logger)
+            task_group.start_soon(keep_running, "the proxy's timer", self._timer, logger)
             self._task_group = task_group
             stack.callback(self._stopped)
             for member in self._members:
@@ -394,6 +429,15 @@ class LeastTimeProxy:
                 gc.collect()  # garbage left from start-up is freed, not frozen
                 gc.freeze()
             yield
+
+    async def _timer(self) -> None:
+        balancer, budget = self.balancer, self._budget
+        while True:
+            if balancer.next_return <= balancer.clock():
+                self._return_refused()
+            if budget is not None:
+                budget.tick()
+            await anyio.sleep(TIMER_STEP)
 
     def _stopped(self) -> None:
         self._task_group = None
@@ -427,7 +471,7 @@ class LeastTimeProxy:
                 await send({"type": "lifespan.startup.complete"})
                 started = True
                 await receive()  # lifespan.shutdown
-        except BaseException:
+        except Exception:
             failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
             await send({"type": failed, "message": traceback.format_exc()})
             raise
@@ -504,14 +548,21 @@ class LeastTimeProxy:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
     ) -> None:
+        budget = self._budget
+        if budget is not None:
+            budget.requests += 1  # count_request() spelt out: one call less on every request
         try:
             lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
-            if fallback is not None:
-                await fallback(scope, receive, send)
-            else:
-                await send_error(send, 503, "no available server")
-            return
+            chosen = self._choose_after_returns(scope)
+            if chosen is None:
+                if fallback is not None:
+                    await fallback(scope, receive, send)
+                else:
+                    await send_error(send, 503, "no available server")
+                return
+            lease, set_cookie = chosen
+        exchange = None
         try:
             member = self._by_name.get(lease.server.name)
             if member is None:  # a server put in the balancer by hand, not an upstream
@@ -528,23 +579,104 @@ class LeastTimeProxy:
             except BadRequest as exc:
                 await send_error(send, 400, f"bad request: {exc}")
                 return
-            outcome = await forward_http(
+            exchange = Exchange(
                 member.opener,
-                target,
                 upstream.name,
                 scope,
                 receive,
                 send,
                 headers,
-                extra_response_headers=set_cookie,
-                on_response=lease.answered,
+                set_cookie,
+                lease.answered,
             )
-            if outcome.retries and self.metrics is not None:
-                self.metrics.retried(outcome.retries)
-            if outcome.failed:
-                lease.failed()
+            exchange.lease = lease
+            exchange.allow_retries(self._again, self.retry)
+            await exchange.run(target)
+            if exchange.retries and self.metrics is not None:
+                self.metrics.retried(exchange.retries)
+            if exchange.failed:
+                exchange.lease.failed()
         finally:  # not a with block: one method call less on every request
             lease.release()
+            if exchange is not None and exchange.lease is not lease:
+                exchange.lease.release()
+
+    def _choose_after_returns(self, scope: Scope) -> tuple[Lease, Headers | None] | None:
+        """No upstream available: if one is out only because it refused a connection, the one
+        whose wait ends first takes this request (a restarted upstream may be back before its
+        wait is over, and a refusal is retried elsewhere anyway); else none."""
+        if not self._return_refused(soonest=True):
+            return None
+        try:
+            return self._choose(scope)
+        except NoAvailableServer:
+            return None
+
+    def _return_refused(self, soonest: bool = False) -> bool:
+        returned = self.balancer.return_refused(soonest)
+        for name in returned:
+            _refusals.log(
+                logging.INFO,
+                (self.name, name, "back"),
+                "upstream %r refused connections; trying it again",
+                name,
+            )
+        return bool(returned)
+
+    def _again(self, exchange: Exchange, error: UpstreamError | None) -> bool:
+        """An attempt failed in a way the retry rules allow to try again (``error``, or ``None``
+        for a status the policy lists): count it against its upstream, take a refusing upstream
+        out of the picks, and aim the exchange at another upstream if the attempts, the budget
+        and the upstreams left allow."""
+        lease: Lease = exchange.lease
+        server = lease.server
+        lease.failed()  # the passive check sees it; a status was counted when it came
+        reason = reason_of(error)
+        if isinstance(error, NotConnected) and not error.pool_full:
+            if "refused" not in server.down_flags:
+                _refusals.warning(
+                    (self.name, server.name),
+                    "upstream %r refused a connection (%s): out of the picks until it answers",
+                    server.name,
+                    error,
+                )
+            self.balancer.refused(server)
+        retry, counts = self.retry, self.retry_counts
+        if retry is None or exchange.retries + 1 >= retry.attempts:
+            counts.count(reason, "attempts")
+            return False
+        # Not the upstreams tried already; the same one again only for a pooled connection it
+        # had closed (its pool then has no idle ones left: the next attempt connects afresh).
+        tried = exchange.tried
+        exclude = {*tried, *self._members.in_process}
+        if reason != "reset":
+            exclude.add(server.name)
+        try:
+            other = self.balancer.next_server_except(exclude)
+        except NoAvailableServer:
+            other = None
+        if other is None and self._return_refused(soonest=True):
+            with contextlib.suppress(NoAvailableServer):
+                other = self.balancer.next_server_except(exclude)
+        if other is None:
+            counts.count(reason, "no_upstream")
+            return False
+        budget = self._budget
+        if budget is None or not budget.try_spend():
+            counts.count(reason, "budget")
+            _retries_refused.warning(
+                self.name, "retry budget of %r spent: %s failed for good", self.name, reason
+            )
+            return False
+        member = self._by_name[other.name]
+        lease.release()
+        exchange.lease = new = self.balancer.lease(other)
+        tried.append(server.name)
+        sticky = self.sticky
+        set_cookie = [sticky.set_cookie_header(other.name)] if sticky is not None else None
+        exchange.aim(member.opener, other.name, new.answered, set_cookie)
+        counts.count(reason, "retried")
+        return True
 
     def _opener(self, upstream: Upstream) -> Opener:
         """How requests reach an upstream with a URL: made once, when the upstream is added."""

@@ -83,9 +83,13 @@ class UpstreamSet:
         """Members by name, read-only (the request path looks them up here)."""
         self.by_sticky_id: dict[str, Member] = {}
         """Members by the id their sticky cookies carry."""
+        self.in_process: set[str] = set()
+        """The names of the in-process upstreams (ASGI apps, no URL)."""
         self.passive: PassiveCheck | None = None
         self.added: list[MemberListener] = []
         self.removed: list[MemberListener] = []
+        self.fenced: list[MemberListener] = []
+        """Told when an upstream is fenced (it drains: no new picks)."""
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -141,6 +145,8 @@ class UpstreamSet:
             server = self.balancer.add(name, weight=upstream.weight, fenced=upstream.fenced)
         member = self._members[name] = Member(upstream, server, opener)
         self.by_sticky_id[member.sticky_id] = member
+        if upstream.app is not None:
+            self.in_process.add(name)
         for listener in tuple(self.added):
             listener(member)
         return member
@@ -152,6 +158,7 @@ class UpstreamSet:
         if member is None:
             raise UnknownServer(name)
         self.by_sticky_id.pop(member.sticky_id, None)
+        self.in_process.discard(name)
         if member.server is not None:
             self.balancer.remove(name)
             member.server = None
@@ -189,6 +196,9 @@ class UpstreamSet:
             member.upstream.fenced = fields["fenced"]
             if member.server is not None:
                 self.balancer.set_fenced(name, fields["fenced"])
+            if fields["fenced"]:
+                for listener in tuple(self.fenced):
+                    listener(member)
         if "down" in fields:
             member.manual_down = fields["down"]
             if member.server is not None:
@@ -223,5 +233,8 @@ class UpstreamSet:
         if name not in self.balancer:
             return
         report_status(self.balancer, name, healthy, "active", reason)
-        if healthy and self.passive is not None:
-            self.passive.probe_passed(name, reason)
+        if healthy:
+            # A passing probe also ends what the proxy's own requests concluded.
+            report_status(self.balancer, name, True, "refused", reason)
+            if self.passive is not None:
+                self.passive.probe_passed(name, reason)

@@ -88,6 +88,51 @@ async def running(app: Any, port: int = 0, **options: Any) -> AsyncIterator[str]
     sock.close()
 
 
+class UpstreamProcess:
+    """An :class:`UpstreamApp` under uvicorn in a process of its own, on a port that stays its
+    own across restarts: what a test kills, stops gracefully, freezes and starts again."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "uvicorn", "tests.upstream_process:app", "--port",
+                   str(self.port), "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        env = {**os.environ, "UPSTREAM_NAME": self.name}
+        self.process = subprocess.Popen(command, env=env)
+        wait_for_port(self.port, self.process)
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    def wait(self, limit: float = 10.0) -> None:
+        """Until the process has exited (after a SIGKILL or SIGTERM)."""
+        assert self.process is not None
+        self.process.wait(limit)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@contextlib.contextmanager
+def upstream_processes(*names: str) -> Iterator[list[UpstreamProcess]]:
+    """Upstream processes, started, and killed at the end whatever happened."""
+    processes = [UpstreamProcess(name) for name in names]
+    try:
+        for process in processes:
+            process.start()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+
+
 @contextlib.asynccontextmanager
 async def running_many(*apps: Any) -> AsyncIterator[list[str]]:
     async with contextlib.AsyncExitStack() as stack:

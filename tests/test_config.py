@@ -20,6 +20,7 @@ from asgi_leasttime.config import (
 )
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.redis_state import RedisState
+from asgi_leasttime.retry import Retry
 from asgi_leasttime.tls import UpstreamTLS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lb.toml"
@@ -247,6 +248,13 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("tls", "key_file"): TLS_FILES["client.key"],
     ("tls", "server_name"): "upstream.internal",
     ("tls", "insecure_skip_verify"): True,
+    ("retry", "attempts"): 2,
+    ("retry", "budget_ratio"): 0.5,
+    ("retry", "budget_window"): 30,
+    ("retry", "min_retries_per_second"): 10,
+    ("retry", "retry_on_status"): [502, 503],
+    ("retry", "per_try_timeout"): 1.5,
+    ("retry", "max_body"): 1024,
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -276,6 +284,11 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("state", "report_every"): 0,
     ("tls", "root_cas"): ["/nonexistent/ca.pem"],
     ("tls", "cert_file"): "/nonexistent/client.pem",
+    ("retry", "attempts"): 0,
+    ("retry", "budget_ratio"): -0.1,
+    ("retry", "retry_on_status"): [404],
+    ("retry", "per_try_timeout"): 0,
+    ("retry", "max_body"): -1,
 }
 
 
@@ -304,6 +317,7 @@ def direct(table: str, key: str, value: Any) -> Any:
         "limits": limits,
         "admin": AdminOptions,
         "tls": UpstreamTLS,
+        "retry": Retry,
     }
     return constructors[table](**options)
 
@@ -339,6 +353,7 @@ def from_file(table: str, key: str, value: Any) -> Any:
         "admin": lambda: AdminOptions(**config.section(table)),
         "state": lambda: proxy.state,
         "tls": lambda: proxy.tls,
+        "retry": lambda: proxy.retry,
     }
     return views[table]()
 

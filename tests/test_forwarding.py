@@ -1,16 +1,19 @@
 """forward_http on its own, with a fake upstream: when the watcher for a client leaving
-starts, and when a request is sent again."""
+starts, and which failed attempts are handed back to be sent again (the rules of
+asgi_leasttime.retry)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import httpx
+import anyio
 import pytest
 
 from asgi_leasttime import _forwarding as forwarding
-from asgi_leasttime._forwarding import WATCH_AFTER, ExchangeResult, forward_http
+from asgi_leasttime._forwarding import WATCH_AFTER, Exchange, ExchangeResult, forward_http
+from asgi_leasttime.errors import NoResponse, NotConnected, RequestNotSent, ResponseBroken
+from asgi_leasttime.retry import Retry
 
 pytestmark = pytest.mark.anyio
 
@@ -52,7 +55,7 @@ async def forward(seconds: float, receive: Any) -> tuple[ExchangeResult, list[di
 
 async def test_a_fast_answer_makes_no_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[object] = []
-    monkeypatch.setattr(forwarding._Exchange, "_start_watching", lambda self: started.append(self))
+    monkeypatch.setattr(forwarding.Exchange, "_start_watching", lambda self: started.append(self))
 
     async def never_returns() -> dict[str, Any]:
         await asyncio.Event().wait()
@@ -86,13 +89,18 @@ async def test_a_client_leaving_during_a_slow_answer_cancels_it() -> None:
 
 
 def opener_failing(times: int, error: Exception, calls: list[str]) -> Any:
-    """Raises ``error`` on the first ``times`` sends (a pooled connection the upstream had just
-    closed), then answers."""
+    """Raises ``error`` on the first ``times`` sends (having written the body, unless the
+    error says nothing was sent), then answers."""
 
     async def open_upstream(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
         calls.append(method)
-        if len(calls) <= times:
+        if calls.count(method) <= times:
+            if body is not None and not isinstance(error, NotConnected):
+                async for _ in body:
+                    pass
             raise error
+        if body is not None:
+            calls.append(b"".join([chunk async for chunk in body]).decode())
         return FakeResponse()
 
     return open_upstream
@@ -103,43 +111,147 @@ async def never_leaves() -> dict[str, Any]:
     raise AssertionError
 
 
+def body_of(*chunks: bytes) -> Any:
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages[-1]["more_body"] = False
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else await never_leaves()
+
+    return receive
+
+
 async def forward_with(
-    open_upstream: Any, method: str
+    open_upstream: Any,
+    method: str,
+    *,
+    again: Any = None,
+    receive: Any = never_leaves,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    retry: Retry | None = None,
 ) -> tuple[ExchangeResult, list[dict[str, Any]]]:
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {**SCOPE, "method": method}
-    outcome = await forward_http(open_upstream, b"/", "up", scope, never_leaves, send, [])
+    scope = {**SCOPE, "method": method, "headers": headers or []}
+    outcome = await forward_http(
+        open_upstream, b"/", "up", scope, receive, send, [], again=again, retry=retry or Retry()
+    )
     return outcome, sent
 
 
-@pytest.mark.parametrize("error", [httpx.RemoteProtocolError("closed"), httpx.ReadError("reset")])
-async def test_a_request_that_may_be_sent_twice_is_sent_again_once(error: Exception) -> None:
-    calls: list[str] = []
-    outcome, sent = await forward_with(opener_failing(1, error, calls), "GET")
-    assert calls == ["GET", "GET"]
-    assert (outcome.retries, outcome.status, outcome.failed) == (1, 200, False)
-    assert sent[0]["status"] == 200
+def another_upstream(times: int = 1) -> tuple[Any, list[BaseException | None]]:
+    """An ``again`` that aims the exchange at the same fake upstream up to ``times`` times."""
+    seen: list[BaseException | None] = []
+
+    def again(exchange: Exchange, error: BaseException | None) -> bool:
+        seen.append(error)
+        if len(seen) > times:
+            return False
+        exchange.aim(exchange.open_upstream, "another", None, None)
+        return True
+
+    return again, seen
 
 
-async def test_a_second_failure_is_not_retried_again() -> None:
+RULES = [
+    # (error, method, has a body, tried again)
+    (NotConnected("refused"), "POST", True, True),  # nothing was sent: any method
+    (NoResponse("closed", reused=True), "POST", False, True),  # an idle connection closed
+    (NoResponse("closed"), "GET", False, True),  # may be sent twice
+    (NoResponse("closed"), "POST", False, False),  # the upstream may have acted on it
+    (RequestNotSent("closed"), "PUT", True, True),  # may be sent twice, its body kept
+    (NoResponse("read timeout", timed_out=True), "GET", False, False),  # may be working on it
+    (ResponseBroken("cut"), "GET", False, False),  # an answer had started
+]
+
+
+@pytest.mark.parametrize(("error", "method", "has_body", "tried_again"), RULES)
+async def test_which_failed_requests_are_sent_again(
+    error: Exception, method: str, has_body: bool, tried_again: bool
+) -> None:
     calls: list[str] = []
+    again, seen = another_upstream()
+    headers = [(b"content-length", b"4")] if has_body else None
+    receive = body_of(b"da", b"ta") if has_body else never_leaves
     outcome, sent = await forward_with(
-        opener_failing(2, httpx.RemoteProtocolError("closed"), calls), "GET"
+        opener_failing(1, error, calls), method, again=again, receive=receive, headers=headers
+    )
+    if tried_again:
+        assert seen == [error]
+        assert (outcome.retries, outcome.status, sent[0]["status"]) == (1, 200, 200)
+        assert calls[:2] == [method, method]
+        if has_body:
+            assert calls[2] == "data"  # the whole body, sent again
+    else:
+        assert seen == []
+        assert calls == [method]
+        assert (outcome.retries, outcome.failed) == (0, True)
+        assert sent[0]["status"] in (502, 504)
+
+
+async def test_a_second_failure_goes_to_again_again_and_its_refusal_stands() -> None:
+    calls: list[str] = []
+    again, seen = another_upstream(times=1)
+    outcome, sent = await forward_with(
+        opener_failing(2, NotConnected("refused"), calls), "GET", again=again
     )
     assert calls == ["GET", "GET"]
+    assert len(seen) == 2
     assert (outcome.retries, outcome.status, outcome.failed) == (1, None, True)
     assert sent[0]["status"] == 502
 
 
-async def test_a_request_that_must_not_be_sent_twice_is_not_retried() -> None:
+async def test_a_body_larger_than_the_limit_is_not_kept_so_not_sent_again() -> None:
     calls: list[str] = []
-    outcome, sent = await forward_with(
-        opener_failing(1, httpx.RemoteProtocolError("closed"), calls), "POST"
+    again, seen = another_upstream()
+    _outcome, sent = await forward_with(
+        opener_failing(1, RequestNotSent("closed"), calls),
+        "PUT",
+        again=again,
+        receive=body_of(b"x" * 10, b"y" * 10),
+        headers=[(b"content-length", b"20")],
+        retry=Retry(max_body=15),
     )
-    assert calls == ["POST"]
-    assert (outcome.retries, outcome.failed) == (0, True)
+    assert seen == []
     assert sent[0]["status"] == 502
+
+
+async def test_a_listed_status_is_tried_again_and_the_last_answer_stands() -> None:
+    class Answer503(FakeResponse):
+        def __init__(self) -> None:
+            super().__init__()
+            self.status_code = 503
+
+    opened: list[str] = []
+
+    async def always_503(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
+        opened.append(method)
+        return Answer503()
+
+    again, seen = another_upstream(times=1)
+    outcome, sent = await forward_with(
+        always_503, "GET", again=again, retry=Retry(retry_on_status=(503,))
+    )
+    assert opened == ["GET", "GET"]
+    assert seen == [None, None]  # None: a status, not an error
+    assert (outcome.status, sent[0]["status"]) == (503, 503)
+
+
+async def test_the_per_try_timeout_sends_a_slow_attempt_elsewhere() -> None:
+    delays = [5.0, 0.0]
+
+    async def slow_then_fast(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
+        await asyncio.sleep(delays.pop(0))
+        return FakeResponse()
+
+    again, seen = another_upstream()
+    with anyio.fail_after(2):
+        _outcome, sent = await forward_with(
+            slow_then_fast, "GET", again=again, retry=Retry(per_try_timeout=0.1)
+        )
+    assert isinstance(seen[0], NoResponse)
+    assert seen[0].per_try
+    assert sent[0]["status"] == 200

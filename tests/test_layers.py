@@ -13,14 +13,14 @@ PACKAGE = Path(asgi_leasttime.__file__).parent
 
 LAYERS: list[set[str]] = [
     # Leaves: types, options, and helpers that know nothing of the rest.
-    {"types", "options", "_sweeper", "_tasks", "_logging", "_paths", "_serving", "_private_store",
-     "dashboard"},
+    {"types", "options", "errors", "_sweeper", "_tasks", "_logging", "_paths", "_serving",
+     "_private_store", "dashboard"},
     # What an upstream is and how it is reached, as options.
-    {"upstream", "tls", "_headers"},
+    {"upstream", "tls", "_headers", "retry"},
     # The balancing core: sans-IO.
     {"balancer", "lease", "status", "sticky"},
     # Health, state and transport: each knows the core, none knows the proxy.
-    {"health", "state", "redis_state", "client", "_lean", "_websocket"},
+    {"health", "state", "redis_state", "client", "_lean", "_httpx", "_websocket"},
     # The one owner of a proxy's upstreams.
     {"upstreams"},
     # One exchange with an upstream.
