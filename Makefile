@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming bench-inprocess clean
+.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming bench-inprocess bench-churn clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,10 @@ bench-inprocess: $(STAMP)
 bench-streaming: $(STAMP)
 	$(BIN)/python -m pip install --quiet -r benchmarks/requirements.txt
 	cd benchmarks && ../$(BIN)/python streaming.py
+
+# Upstreams killed, restarted and frozen under load: ours against nginx and haproxy, one table.
+bench-churn: $(STAMP)
+	@command -v nginx >/dev/null && command -v haproxy >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			nginx-light haproxy; }
+	cd benchmarks && ../$(BIN)/python churn.py

@@ -30,6 +30,7 @@ __all__ = [
     "ClientDisconnected",
     "Exchange",
     "ExchangeResult",
+    "forget_upstream",
     "forward_http",
     "send_error",
     "upstream_target",
@@ -42,6 +43,13 @@ FAILURE_LOG_EVERY = 10.0
 failure); the lines in between are counted and the next one says how many."""
 
 _failures = RateLimitedLog(logger, FAILURE_LOG_EVERY)
+_FAILURE_KINDS = ("cut off", "timeout", "failed", "unexpected")
+
+
+def forget_upstream(where: str) -> None:
+    """Drop the failure lines counted for an upstream that left the proxy."""
+    for kind in _FAILURE_KINDS:
+        _failures.forget((where, kind))
 
 
 class ClientDisconnected(Exception):

@@ -14,7 +14,7 @@ import anyio
 import anyio.abc
 import httpx
 
-from asgi_leasttime._forwarding import Exchange, send_error, upstream_target
+from asgi_leasttime._forwarding import Exchange, forget_upstream, send_error, upstream_target
 from asgi_leasttime._headers import BadRequest, RequestHeaders
 from asgi_leasttime._httpx import httpx_opener
 from asgi_leasttime._logging import RateLimitedLog
@@ -292,6 +292,7 @@ class LeastTimeProxy:
         proxy, its pooled idle connections (unless another upstream shares its origin)."""
         if member.watcher is not None:
             member.watcher.cancel()
+        forget_upstream(member.name)
         child = member.upstream.app
         if isinstance(child, LeastTimeProxy):
             child.balancer.unregister_status_updater(member.child_link)
