@@ -211,6 +211,7 @@ class Exchange(ExchangeResult):
         "method",
         "on_response",
         "open_upstream",
+        "pass_server_header",
         "per_try",
         "policy",
         "receive",
@@ -235,9 +236,11 @@ class Exchange(ExchangeResult):
         headers: Headers,
         extra_response_headers: Headers | None,
         on_response: Callable[[int, float], None] | None,
+        pass_server_header: bool = False,
     ) -> None:
         self.open_upstream = open_upstream
         self.where = where
+        self.pass_server_header = pass_server_header  # the upstream's Date and Server pass
         self.method: str = scope["method"]
         self.receive = receive
         self.send = send
@@ -317,7 +320,9 @@ class Exchange(ExchangeResult):
                 self.ttfb = ttfb = time.perf_counter() - self.sent_at
                 try:
                     try:
-                        head = response_headers(response.raw_headers, response.status_code)
+                        head = response_headers(
+                            response.raw_headers, response.status_code, self.pass_server_header
+                        )
                     except BadResponse as exc:
                         raise ResponseBroken(str(exc)) from None  # 502, a failure
                     self.status = status = response.status_code
@@ -504,6 +509,13 @@ class Exchange(ExchangeResult):
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            if not more:
+                # All of it is in hand before the last piece goes out: a consumer that stops
+                # there (a write that failed) must not leave a retry reading a body that ended.
+                self.body_read = True
+                if self.watch_when_read:
+                    self._start_watching()
             if chunk:
                 self.body_unread = False
                 kept = self.kept
@@ -516,11 +528,8 @@ class Exchange(ExchangeResult):
                     else:
                         self.kept = None
                 yield chunk
-            if not message.get("more_body", False):
+            if not more:
                 break
-        self.body_read = True
-        if self.watch_when_read:
-            self._start_watching()
 
 
 async def _answer(send: Send, status: int, text: str) -> None:

@@ -3,13 +3,23 @@
 Headers travel as raw ``(name, value)`` byte pairs and are never merged: two ``Set-Cookie`` stay
 two. Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the message, so they
 stop here in both directions, together with every header that ``Connection`` names.
+
+``Date`` and ``Server`` are the server's in front: every ASGI server tried (uvicorn with either
+parser, gunicorn's uvicorn workers, hypercorn) adds its own pair to whatever the app sends, and
+granian adds its own where the app sends none. So, as NGINX does by default, the upstream's stop
+here and the client gets exactly one of each, the front server's. With ``pass_server_header``
+(NGINX's ``proxy_pass_header``) the upstream's pass instead, one of each, the proxy adding its
+own where the upstream sent none; the server in front must then add none (uvicorn's
+``--no-server-header --no-date-header``; ``asgi-leasttime serve`` sets them itself).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
+from email.utils import formatdate
 
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.types import Headers, Scope
@@ -30,6 +40,27 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
+
+_FRONT_SERVERS = frozenset({b"date", b"server"})
+"""The response fields the server in front sends its own of (see the module's docstring)."""
+
+# One set lookup per response header, as for the hop-by-hop ones alone.
+_NOT_FORWARDED = HOP_BY_HOP | _FRONT_SERVERS
+
+SERVER = b"asgi-leasttime"
+"""The ``Server`` the proxy sends where it passes the upstream's and the upstream sent none."""
+
+_date_second, _date_value = 0, b""  # the last second formatted, and its Date value
+
+
+def http_date() -> bytes:
+    """Now, as a ``Date`` value (RFC 9110 section 5.6.7), formatted once a second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second, _date_value = now, formatdate(now, usegmt=True).encode("ascii")
+    return _date_value
+
 
 # The upstream request is re-framed by the client: the client's expectation was answered by the
 # server in front of us (uvicorn sends 100 Continue when the body is first read).
@@ -71,8 +102,12 @@ def _without_named(
     return [(name, value) for name, value in headers if name not in extra]
 
 
-def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers:
-    """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed.
+def response_headers(
+    raw: Iterable[tuple[bytes, bytes]], status: int, pass_server_header: bool = False
+) -> Headers:
+    """An upstream response's headers as ASGI wants them: lower-case names, hop-by-hop removed,
+    the upstream's ``Date`` and ``Server`` removed unless ``pass_server_header`` (then the first
+    of each passes, and one of the proxy's is added where the upstream sent none).
 
     The framing is checked on the way (RFC 9112 section 6): a protocol switch nobody asked for,
     a transfer coding other than ``chunked``, ``Content-Length`` beside ``Transfer-Encoding`` and
@@ -86,10 +121,20 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers
     named = _NOTHING_NAMED
     length: bytes | None = None
     transfer_coded = False
+    passed = pass_server_header
+    date = server = False  # passed already
     for name, value in raw:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
+        if lower in _NOT_FORWARDED:
+            if lower == b"date":
+                if passed and not date:
+                    headers.append((lower, value))
+                    date = True
+            elif lower == b"server":
+                if passed and not server:
+                    headers.append((lower, value))
+                    server = True
+            elif lower == b"connection":
                 named = named | _connection_tokens(value)
             elif lower == b"transfer-encoding":
                 if transfer_coded or value.strip().lower() != b"chunked":
@@ -105,6 +150,11 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], status: int) -> Headers
         headers.append((lower, value))
     if transfer_coded and length is not None:
         raise BadResponse("upstream sent both Content-Length and Transfer-Encoding")
+    if passed:
+        if not date:
+            headers.append((b"date", http_date()))
+        if not server:
+            headers.append((b"server", SERVER))
     return _without_named(headers, named, HOP_BY_HOP) if named else headers
 
 
@@ -131,6 +181,9 @@ class RequestHeaders:
     - framing is made unambiguous (RFC 9112 section 6.3): with ``Transfer-Encoding`` the body is
       re-chunked and every ``Content-Length`` dropped; conflicting ``Content-Length`` values or
       more than one ``Host`` raise :class:`BadRequest`.
+
+    ``pass_server_header`` is kept here with the other header options: the proxy hands it to
+    :func:`response_headers` for each answer.
     """
 
     def __init__(
@@ -138,8 +191,18 @@ class RequestHeaders:
         *,
         pass_host_header: bool = True,
         trusted_proxies: Iterable[str] = (),
+        pass_server_header: bool = False,
     ) -> None:
+        for option, value in (
+            ("pass_host_header", pass_host_header),
+            ("pass_server_header", pass_server_header),
+        ):
+            if not isinstance(value, bool):
+                raise OptionError(option, f"must be true or false, not {value!r}")
+        if isinstance(trusted_proxies, str):
+            raise OptionError("trusted_proxies", "must be a list of addresses, not one string")
         self.pass_host_header = pass_host_header
+        self.pass_server_header = pass_server_header
         self.trusted_proxies = tuple(_network(i, p) for i, p in enumerate(trusted_proxies))
 
     def is_trusted(self, client_host: str | None) -> bool:

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import select
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from asgi_leasttime.errors import (
     ResponseBroken,
     UpstreamError,
 )
+from asgi_leasttime.retry import IDEMPOTENT
 from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.types import Headers
 
@@ -283,6 +285,19 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def peer_closed(self) -> bool:
+        """Whether an idle connection has something to read: the upstream's close (or bytes
+        nobody asked for), already in the socket though the event loop has not read it yet.
+        One ``select`` call, as httpcore asks of every connection it reuses."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
 
 def _read_deadlines(read_timeout: float | None) -> Sweeper[_Connection] | None:
     """Checks of waiting connections, every tenth of the read timeout (5 ms to 1 s)."""
@@ -401,33 +416,40 @@ class _Pool:
                 return
         self.active -= 1
 
-    def take_idle(self) -> _Connection | None:
+    def take_idle(self, unsafe: bool = False) -> _Connection | None:
         """An idle connection still fresh, if one is there and a slot is free right now: the
-        usual case, with nothing to await."""
+        usual case, with nothing to await. ``unsafe``: for a request that could not be sent
+        again once its body is read (see :meth:`_fresh_idle`)."""
         if not self.idle or self.active >= self.limit or self.waiting:
             return None
         self.active += 1
-        connection = self._fresh_idle(asyncio.get_running_loop())
+        connection = self._fresh_idle(asyncio.get_running_loop(), unsafe)
         if connection is None:
             self._free_slot()
         return connection
 
-    def _fresh_idle(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
+    def _fresh_idle(
+        self, loop: asyncio.AbstractEventLoop, unsafe: bool = False
+    ) -> _Connection | None:
         fresh_since = loop.time() - self.keepalive_expiry
         while self.idle:
             idle_since, connection = self.idle.pop()
-            if not connection.closed and idle_since > fresh_since:
+            # For an unsafe request, also ask the socket whether the upstream closed it in the
+            # time the event loop has not yet seen (a process just killed or stopping): that
+            # request would be lost, where a safe one is simply sent again.
+            usable = not connection.closed and idle_since > fresh_since
+            if usable and not (unsafe and connection.peer_closed()):
                 connection._reset()
                 connection.reused = True
                 return connection
             connection.close()
         return None
 
-    async def connect(self, limits: httpx.Timeout) -> _Connection:
+    async def connect(self, limits: httpx.Timeout, unsafe: bool = False) -> _Connection:
         """An idle connection still fresh, or a new one."""
         await self._take_slot(limits.pool)
         loop = asyncio.get_running_loop()
-        connection = self._fresh_idle(loop)
+        connection = self._fresh_idle(loop, unsafe)
         if connection is not None:
             return connection
         try:
@@ -566,7 +588,8 @@ class LeanClient:
             context = self.tls.context if https else None
             pool = _Pool(host, port, self.limits, context, self.tls.server_name)
             self._pools[(host, port, https)] = pool
-        connection = pool.take_idle() or await pool.connect(self.timeout)
+        unsafe = body is not None and method not in IDEMPOTENT
+        connection = pool.take_idle(unsafe) or await pool.connect(self.timeout, unsafe)
         shown_port = pool.shown_port
         try:
             connection.head_only = method == "HEAD"

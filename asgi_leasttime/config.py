@@ -6,14 +6,17 @@ constructors it feeds (``[health_check]`` is :class:`HealthCheck`'s, ``[[upstrea
 and the values are judged by building what they describe, so the constructor's own checks
 (:class:`~asgi_leasttime.options.OptionError`) speak for the key at fault.
 
-The configuration file is the command line's (the ``cli`` extra, which brings the ``state``
-extra's Redis client along). Every mistake is reported with the key it concerns and what is
-wrong, all of them at once, so ``asgi-leasttime check lb.toml`` can list them. Option names are
-Traefik's, in snake case, where Traefik has one (``pass_host_header``, ``max_age``, ...).
+The configuration file is the command line's; reading and checking it needs no extra (a
+``[state]`` URL is judged as far as it can be without the ``state`` extra's Redis client).
+Every mistake is reported with the key it concerns and what is wrong, all of them at once,
+every refused value of a table included, so ``asgi-leasttime check lb.toml`` can list them.
+Option names are Traefik's, in snake case, where Traefik has one (``pass_host_header``,
+``max_age``, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -26,18 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from asgi_leasttime._extras import MissingExtra
 from asgi_leasttime._headers import RequestHeaders
+from asgi_leasttime.admin import check_token
 from asgi_leasttime.balancer import Balancer
 from asgi_leasttime.client import limits, timeouts
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
-from asgi_leasttime.options import OptionError, check_port, check_positive
+from asgi_leasttime.options import OptionError, check_fields, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.redis_state import RedisState
 from asgi_leasttime.retry import Retry
 from asgi_leasttime.state import StateStore
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
-from asgi_leasttime.upstream import Upstream
+from asgi_leasttime.upstream import NO_UPSTREAMS, Upstream
 
 __all__ = [
     "AdminOptions",
@@ -75,20 +80,23 @@ class ServerOptions:
     freeze_gc: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_port("port", self.port)
         check_positive("workers", self.workers)
 
 
 @dataclass(frozen=True)
 class AdminOptions:
-    """Where the admin app listens (``[admin]``); present, it turns the admin app on. Its write
-    API takes the token in the environment variable ``token_env`` names (off when unset)."""
+    """Where the admin app listens (``[admin]``); present, it turns the admin app on, and then
+    ``port`` is required. Its write API takes the token in the environment variable
+    ``token_env`` names (off when unset)."""
 
     host: str = "127.0.0.1"
     port: int | None = None
     token_env: str = "ASGI_LEASTTIME_ADMIN_TOKEN"
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_port("port", self.port)
 
 
@@ -100,15 +108,26 @@ def _state_options(*, url: str | None = None, password_env: str = "", **options:
     """Judge ``[state]``: a URL the Redis client takes, and RedisState's other options."""
     if url is None:
         raise OptionError("url", "required: redis://, rediss:// or unix://")
-    RedisState(url, **options)
+    # Without the state extra, what can be judged without the Redis client was, before the
+    # client was needed.
+    with contextlib.suppress(MissingExtra):
+        RedisState(url, **options)
 
 
 def _balancer_options(
-    *, mode: Any = "leasttime", pass_host_header: Any = True, trusted_proxies: Any = ()
+    *,
+    mode: Any = "leasttime",
+    pass_host_header: Any = True,
+    trusted_proxies: Any = (),
+    pass_server_header: Any = False,
 ) -> None:
     """Judge ``[balancer]`` with the parts its keys configure (their defaults are the proxy's)."""
     Balancer(mode=mode)
-    RequestHeaders(pass_host_header=pass_host_header, trusted_proxies=trusted_proxies)
+    RequestHeaders(
+        pass_host_header=pass_host_header,
+        trusted_proxies=trusted_proxies,
+        pass_server_header=pass_server_header,
+    )
 
 
 def _any_value(**options: Any) -> None:
@@ -118,8 +137,9 @@ def _any_value(**options: Any) -> None:
 def _sticky_options(
     *, secret_key: str | Sequence[str] | None = None, secret_key_env: str = "", **options: Any
 ) -> StickyCookie:
-    # The keys usually come from the environment, read when the proxy is built.
-    return StickyCookie(secret_key=secret_key or "placeholder", **options)
+    # The keys usually come from the environment, read when the proxy is built; keys in the file
+    # are judged as they are (an empty one is refused).
+    return StickyCookie(secret_key="placeholder" if secret_key is None else secret_key, **options)
 
 
 # -- reading the declarations ---------------------------------------------------------------------
@@ -192,7 +212,7 @@ TABLES: dict[str, Table] = {
         (
             Part(
                 LeastTimeProxy,
-                only=("mode", "pass_host_header", "trusted_proxies"),
+                only=("mode", "pass_host_header", "trusted_proxies", "pass_server_header"),
                 judge=_balancer_options,
             ),
         )
@@ -298,6 +318,7 @@ class Config:
             mode=balancer["mode"],
             pass_host_header=balancer["pass_host_header"],
             trusted_proxies=balancer["trusted_proxies"],
+            pass_server_header=balancer["pass_server_header"],
             timeout=timeouts(**self.section("timeouts")),
             limits=limits(**self.section("limits")),
             sticky=sticky,
@@ -323,7 +344,7 @@ class Config:
         environ = os.environ if environ is None else environ
         sticky = self.section("sticky")
         in_file = sticky["secret_key"]
-        if in_file:
+        if in_file is not None:  # judged when the file was read: not empty
             return [in_file] if isinstance(in_file, str) else list(in_file)
         name = sticky["secret_key_env"]
         keys = [key.strip() for key in environ.get(name, "").split(",") if key.strip()]
@@ -332,6 +353,19 @@ class Config:
                 [f"sticky.secret_key_env: the environment variable {name} is empty or unset"]
             )
         return keys
+
+    def admin_token(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The admin write API's token, from the environment variable ``[admin] token_env``
+        names; ``None`` when it is unset (the write API is off). A token the admin app would
+        refuse is a :class:`ConfigError`."""
+        environ = os.environ if environ is None else environ
+        name = self.section("admin")["token_env"]
+        token = environ.get(name)
+        try:
+            check_token(token)
+        except OptionError as exc:
+            raise ConfigError([f"admin.token_env: the token in {name} {exc.reason}"]) from None
+        return token
 
 
 def _check_table(where: str, values: Any, table: Table, errors: list[str]) -> dict[str, Any]:
@@ -352,15 +386,32 @@ def _check_table(where: str, values: Any, table: Table, errors: list[str]) -> di
         else:
             typed[name] = value
     for part in table.parts:
-        given = {name: value for name, value in typed.items() if name in part.options()}
-        judge = part.judge or part.source
+        _judge(where, part, typed, errors)
+    checked.update(typed)
+    return checked
+
+
+def _judge(where: str, part: Part, typed: dict[str, Any], errors: list[str]) -> None:
+    """Build what ``part`` describes from the values it takes; a refused value is reported,
+    left out, and the rest judged again, until every refused value is named."""
+    judge = part.judge or part.source
+    keys = part.options()
+    taken_out: list[str] = []
+    while True:
+        given = {name: value for name, value in typed.items() if name in keys}
         try:
             judge(**_complete(part, given, typed))
         except OptionError as exc:
+            key = exc.option.split("[")[0]
+            if key in taken_out or any(name in exc.reason for name in taken_out):
+                return  # a consequence of a value taken out (a required url), not news
             errors.append(f"{where}.{exc.option}: {exc.reason}")
-            typed.pop(exc.option.split("[")[0], None)
-    checked.update(typed)
-    return checked
+            if key not in given:
+                return  # refused for a value the file did not give: nothing left to take out
+            del typed[key]
+            taken_out.append(key)
+        else:
+            return
 
 
 def _complete(part: Part, given: dict[str, Any], typed: dict[str, Any]) -> dict[str, Any]:
@@ -399,10 +450,13 @@ def parse_config(document: dict[str, Any]) -> Config:
         for name, table in TABLES.items()
         if name != "upstream"
     }
+    admin = document.get("admin")
+    if isinstance(admin, dict) and "port" not in admin:
+        errors.append("admin.port: required to serve the admin app")
     raw_upstreams = document.get("upstreams", [])
     upstreams: list[dict[str, Any]] = []
     if not isinstance(raw_upstreams, list) or not raw_upstreams:
-        errors.append("upstreams: at least one [[upstreams]] entry with a url is required")
+        errors.append(f"upstreams: {NO_UPSTREAMS}: an [[upstreams]] entry with a url")
         raw_upstreams = []
     names: set[str] = set()
     for index, raw in enumerate(raw_upstreams):

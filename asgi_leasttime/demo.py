@@ -4,15 +4,18 @@ Everything runs on 127.0.0.1 in this process: three upstreams under uvicorn ("fa
 "medium" 20 ms, "flaky" 10 ms that answers in 200 ms from a quarter to half of the run), the proxy
 under uvicorn, its admin app with the dashboard, and a client keeping a few requests in flight.
 The table shows what the balancer sees; the summary shows where the requests went before, during
-and after the slow spell.
+and after the slow spell. Ctrl-C (or SIGTERM) ends it early: the requests in flight finish, the
+servers stop, and the summary is printed for the time it ran.
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +24,7 @@ from typing import Any, Literal, TextIO
 import anyio
 import httpx
 
+from asgi_leasttime._extras import need
 from asgi_leasttime.metrics import AdminApp
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.upstream import Upstream
@@ -82,9 +86,26 @@ class Demo:
         self.recent: list[tuple[float, str]] = []
         self.errors = 0
         self.lines_drawn = 0
+        self.stopped = False  # by Ctrl-C or SIGTERM
+        self.stopped_at = 0.0
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+    def running(self) -> bool:
+        return not self.stopped and self.elapsed() < self.seconds
+
+    async def stop_on_signal(self, scope: anyio.CancelScope) -> None:
+        """The first Ctrl-C (or SIGTERM) ends the run as if its time were up: the requests in
+        flight finish and everything shuts down in order. A second one cancels what is left."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                if self.stopped:
+                    scope.cancel()
+                    return
+                self.stopped, self.stopped_at = True, self.elapsed()
+                self.out.write("\nStopping: the requests in flight finish first.\n")
+                self.out.flush()
 
     def phase(self) -> int:
         fraction = self.elapsed() / self.seconds
@@ -123,10 +144,20 @@ class Demo:
                 for _ in range(CONCURRENCY):
                     tg.start_soon(self.keep_sending, client)
                 tg.start_soon(self.keep_drawing, proxy)
+                tg.start_soon(self.ending, tg.cancel_scope)
         self.summary()
 
+    async def ending(self, scope: anyio.CancelScope) -> None:
+        """Watch for Ctrl-C while the others run; stop watching when they are done."""
+        async with anyio.create_task_group() as tg:
+            if threading.current_thread() is threading.main_thread():  # where signals arrive
+                tg.start_soon(self.stop_on_signal, scope)
+            while self.running():  # noqa: ASYNC110 - the end is a time or a flag
+                await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+
     async def keep_sending(self, client: httpx.AsyncClient) -> None:
-        while self.elapsed() < self.seconds:
+        while self.running():
             try:
                 response = await client.get("/")
                 name = response.headers.get("x-upstream", "error")
@@ -139,9 +170,10 @@ class Demo:
             self.recent.append((time.monotonic(), name))
 
     async def keep_drawing(self, proxy: LeastTimeProxy) -> None:
-        while self.elapsed() < self.seconds:
+        while self.running():
             await anyio.sleep(0.5 if self.live else 2.0)
-            self.draw(proxy)
+            if self.running():
+                self.draw(proxy)
 
     def draw(self, proxy: LeastTimeProxy) -> None:
         now = time.monotonic()
@@ -179,6 +211,11 @@ class Demo:
             total = sum(served.values()) or 1
             cells = "".join(f"{served[n] / total:>9.1%}" for n in names)
             out.write(f"  {phase:<12}{cells}{sum(served.values()):>10}\n")
+        if self.stopped:
+            out.write(f"\n(stopped after {self.stopped_at:.1f} s of {self.seconds:.0f} s)\n")
+        if not all(self.served):  # a phase it did not reach: nothing to conclude
+            out.flush()
+            return
         before, during, after = (s["flaky"] / (sum(s.values()) or 1) for s in self.served)
         out.write(
             f"\n'flaky' took {before:.0%} of the requests while fast, {during:.0%} while it"
@@ -192,11 +229,7 @@ class Demo:
 
 def run_demo(seconds: float = 20.0, out: TextIO | None = None) -> int:
     """Run the demo for ``seconds`` and print the summary; returns an exit status."""
-    try:
-        import uvicorn  # noqa: F401
-    except ImportError:
-        print("the demo needs uvicorn: pip install 'asgi-leasttime[cli]'", file=sys.stderr)
-        return 2
+    need("uvicorn", "cli", "asgi-leasttime demo")
     if seconds <= 0:
         print("--seconds must be positive", file=sys.stderr)
         return 2
@@ -204,8 +237,12 @@ def run_demo(seconds: float = 20.0, out: TextIO | None = None) -> int:
     print(
         f"Three upstreams on 127.0.0.1: fast (5 ms), medium (20 ms), flaky (10 ms, 200 ms from"
         f" {SLOW_FROM * seconds:.0f} s to {SLOW_UNTIL * seconds:.0f} s). {CONCURRENCY} requests"
-        " in flight through the proxy.\n",
+        " in flight through the proxy. Ctrl-C stops it early.\n",
         file=demo.out,
     )
-    anyio.run(demo.run)
+    try:
+        anyio.run(demo.run)
+    except KeyboardInterrupt:  # before the run could watch for it: nothing to summarise yet
+        print("stopped", file=sys.stderr)
+        return 130
     return 0

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 
-from asgi_leasttime.options import OptionError, check_port, check_positive
+from asgi_leasttime.options import OptionError, check_fields, check_port, check_positive
 
 if TYPE_CHECKING:
     from asgi_leasttime.balancer import Balancer, Lease, Server, Source
@@ -62,6 +62,7 @@ class HealthCheck:
     unhealthy_interval: float | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.path.startswith("/"):
             raise OptionError("path", f"must start with '/', not {self.path!r}")
         if self.scheme not in (None, "http", "https"):
@@ -183,6 +184,7 @@ class PassiveHealthCheck:
     shared: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         check_positive("failure_window", self.failure_window)
         if self.max_failed_attempts < 1:
             raise OptionError("max_failed_attempts", "must be at least 1")

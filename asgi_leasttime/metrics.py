@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from asgi_leasttime._paths import path_below_root
-from asgi_leasttime.admin import WRITES, write
-from asgi_leasttime.options import OptionError
+from asgi_leasttime.admin import WRITES, check_token, write
 from asgi_leasttime.state import Fleet, fleet_totals
 from asgi_leasttime.types import Receive, Scope, Send
 
@@ -181,8 +180,7 @@ class AdminApp:
     """
 
     def __init__(self, proxy: LeastTimeProxy, *, token: str | None = None) -> None:
-        if token is not None and len(token) < 16:
-            raise OptionError("token", "must be at least 16 characters")
+        check_token(token)
         self.proxy = proxy
         self.token = token
         try:

@@ -9,6 +9,8 @@ lifespan runs around the app's, so its client and health checks live as long as 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -18,7 +20,7 @@ from asgi_leasttime._paths import path_below_root
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.types import ASGIApp, Receive, Scope, Send
-from asgi_leasttime.upstream import Upstream
+from asgi_leasttime.upstream import Upstream, upstream_list
 
 __all__ = ["LeastTimeMiddleware"]
 
@@ -67,6 +69,7 @@ class LeastTimeMiddleware:
         fallback: bool = False,
         **proxy_options: Any,
     ) -> None:
+        _check_proxy_options(proxy_options)
         self.app = app
         self.paths = tuple(_prefix(path) for path in _strings("paths", paths))
         self.hosts = tuple(_strings("hosts", hosts))
@@ -86,7 +89,7 @@ class LeastTimeMiddleware:
         if proxy is None:
             assert upstreams is not None
             proxy_options.setdefault("name", _default_name(self.paths, self.hosts))
-            proxy = LeastTimeProxy(upstreams=list(upstreams), **proxy_options)
+            proxy = LeastTimeProxy(upstreams=upstream_list(upstreams), **proxy_options)
         elif proxy_options:
             raise OptionError(next(iter(proxy_options)), "is an option of the proxy given")
         self.proxy = proxy
@@ -127,6 +130,23 @@ class LeastTimeMiddleware:
         if self.when is not None and not self.when(scope):
             return None
         return prefix
+
+
+def _check_proxy_options(options: dict[str, Any]) -> None:
+    """Every option passed on is one of the proxy's: a misspelt ``uptreams=`` is named, with the
+    option it was probably meant to be."""
+    known = _PROXY_OPTIONS | _OWN_OPTIONS
+    for option in options:
+        if option not in _PROXY_OPTIONS:
+            hint = difflib.get_close_matches(option, known, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise OptionError(option, f"unknown option{suggestion}")
+
+
+_OWN_OPTIONS = frozenset(
+    name for name in inspect.signature(LeastTimeMiddleware).parameters if name != "proxy_options"
+) - {"app"}
+_PROXY_OPTIONS = frozenset(inspect.signature(LeastTimeProxy).parameters) - {"app", "upstreams"}
 
 
 def _strings(option: str, values: Iterable[str]) -> list[str]:

@@ -23,14 +23,14 @@ from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.errors import NotConnected, UpstreamError
 from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
-from asgi_leasttime.options import OptionError
+from asgi_leasttime.options import OptionError, check_instance
 from asgi_leasttime.retry import Retry, RetryBudget, RetryCounts, reason_of
 from asgi_leasttime.state import Change, InProcessState, StateStore
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
 from asgi_leasttime.types import ASGIApp, Headers, Message, Opener, Receive, Scope, Send
-from asgi_leasttime.upstream import Upstream
+from asgi_leasttime.upstream import Upstream, upstream_list
 from asgi_leasttime.upstreams import Member, UpstreamSet
 
 if TYPE_CHECKING:
@@ -116,6 +116,12 @@ class LeastTimeProxy:
             by default: 3 attempts, retries at most 20 % of the last 10 s's requests plus 3 a
             second). ``None`` or ``Retry(attempts=1)``: never. An upstream that refuses a
             connection is taken out of the picks at once either way.
+        pass_server_header: pass the upstream's ``Date`` and ``Server`` to the client (NGINX's
+            ``proxy_pass_header``), adding a ``Date`` and a ``Server`` of the proxy's where the
+            upstream sent none; then the server in front must send none of its own (uvicorn's
+            ``--no-server-header --no-date-header``). Off (the default), the upstream's are
+            dropped and the server in front sends its own, as NGINX does: one of each either
+            way (see :mod:`asgi_leasttime._headers`).
     """
 
     def __init__(
@@ -140,6 +146,7 @@ class LeastTimeProxy:
         state: StateStore | None = None,
         tls: UpstreamTLS | None = None,
         retry: Retry | None = DEFAULT_RETRY,
+        pass_server_header: bool = False,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -148,6 +155,19 @@ class LeastTimeProxy:
                 "upstreams=..., paths=[...]) (or hosts=, when=); to proxy everything, serve the "
                 "proxy as the app."
             )
+        upstreams = upstream_list(upstreams)
+        for option, value, kind in (
+            ("sticky", sticky, StickyCookie),
+            ("health_check", health_check, HealthCheck),
+            ("passive_health_check", passive_health_check, PassiveHealthCheck),
+            ("balancer", balancer, Balancer),
+            ("state", state, StateStore),
+            ("tls", tls, UpstreamTLS),
+            ("retry", retry, Retry),
+            ("client", client, httpx.AsyncClient),
+            ("transport", transport, httpx.AsyncBaseTransport),
+        ):
+            check_instance(option, value, kind)
         self.freeze_gc = freeze_gc
         self.name = name
         # Option objects are read, never changed: the proxy builds its runtime from them.
@@ -163,7 +183,9 @@ class LeastTimeProxy:
             balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
         )
         self.request_headers = RequestHeaders(
-            pass_host_header=pass_host_header, trusted_proxies=trusted_proxies
+            pass_host_header=pass_host_header,
+            trusted_proxies=trusted_proxies,
+            pass_server_header=pass_server_header,
         )
         self.metrics: RequestObserver | None = None  # see observe_requests()
         self._users = 0  # lifespans entered and not left
@@ -589,6 +611,7 @@ class LeastTimeProxy:
                 headers,
                 set_cookie,
                 lease.answered,
+                self.request_headers.pass_server_header,
             )
             exchange.lease = lease
             exchange.allow_retries(self._again, self.retry)

@@ -13,7 +13,8 @@ knows (the configuration at start), logs the outage once, retries with a growing
 message on the channel that is not a well-formed record is logged and ignored. Only the proxy's
 own methods and the admin API write to the store: nothing a proxied client sends reaches it.
 
-Needs the ``redis`` package (``pip install 'asgi-leasttime[state]'``).
+Needs the ``state`` extra (``pip install 'asgi-leasttime[state]'``) to be made; the module imports
+without it, so the configuration file can read the signature.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import redis.asyncio
-import redis.exceptions
 
+from asgi_leasttime._extras import need
 from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.options import OptionError, check_positive
 from asgi_leasttime.state import Change, Fleet, Record, StateStore, merge, valid_record
@@ -48,8 +48,7 @@ BACKOFF_FIRST, BACKOFF_MOST = 0.1, 2.0
 FIGURES = ("inflight", "requests", "failures", "average_ttfb")
 """What each process reports per upstream (see :meth:`RedisState.fleet`)."""
 
-# What a lost or refusing server raises through redis-py.
-_REDIS_ERRORS = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class RedisState(StateStore):
@@ -79,6 +78,21 @@ class RedisState(StateStore):
     ) -> None:
         super().__init__()
         check_positive("report_every", report_every)
+        if not isinstance(url, str) or not url.lower().startswith(_SCHEMES):
+            raise OptionError("url", f"must start with redis://, rediss:// or unix://, not {url!r}")
+        # Imported here, not with the module: the configuration file reads this signature in an
+        # installation without the state extra.
+        need("redis", "state", "RedisState")
+        import redis.asyncio
+        import redis.exceptions
+
+        # What a lost or refusing server raises through redis-py.
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.RedisError,
+            OSError,
+            asyncio.TimeoutError,
+        )
+        self._watch_error: type[Exception] = redis.exceptions.WatchError
         self.url = url
         self._prefix = prefix
         self._password = password
@@ -175,7 +189,7 @@ class RedisState(StateStore):
         if self._connected and not self._pending:
             try:
                 name, record = await self._write(change)
-            except _REDIS_ERRORS as exc:
+            except self._errors as exc:
                 self._lost(exc)
             else:
                 self.apply(name, record)
@@ -208,7 +222,7 @@ class RedisState(StateStore):
                     pipe.hset(key, mapping=figures)  # type: ignore[arg-type]
                     pipe.pexpire(key, expiry)
                     await pipe.execute()
-            except _REDIS_ERRORS as exc:
+            except self._errors as exc:
                 self._lost(exc)
 
     async def fleet(self) -> Fleet | None:
@@ -216,7 +230,7 @@ class RedisState(StateStore):
         (:data:`FIGURES`); malformed ones left out; ``None`` while the server is away."""
         try:
             return await self._gather()
-        except _REDIS_ERRORS as exc:
+        except self._errors as exc:
             self._lost(exc)
             return None
 
@@ -253,7 +267,7 @@ class RedisState(StateStore):
             if await self._client.get(key) == self._id:
                 await self._client.pexpire(key, lasts)
                 return True
-        except _REDIS_ERRORS as exc:
+        except self._errors as exc:
             self._lost(exc)
             return True
         self._probing.discard(name)
@@ -266,7 +280,7 @@ class RedisState(StateStore):
         """Hand the probe leases over at once rather than let them run out."""
         for name in self._probing if self._connected else ():
             key = self._key(f"prober:{name}")
-            with contextlib.suppress(*_REDIS_ERRORS):
+            with contextlib.suppress(*self._errors):
                 if await self._client.get(key) == self._id:
                     await self._client.delete(key)
         self._probing.clear()
@@ -296,7 +310,7 @@ class RedisState(StateStore):
                     pipe.publish(channel, json.dumps({"name": change.name}))
                     await pipe.execute()
                     return change.name, record
-                except redis.exceptions.WatchError:
+                except self._watch_error:
                     continue
 
     async def _write_pending(self) -> None:
@@ -307,7 +321,7 @@ class RedisState(StateStore):
                 change = self._pending[0]
                 try:
                     await self._write(change)
-                except _REDIS_ERRORS as exc:
+                except self._errors as exc:
                     self._lost(exc)
                     break
                 except ValueError as exc:  # no longer takes (removed meanwhile, say)
@@ -331,7 +345,7 @@ class RedisState(StateStore):
                         )
                         if message is not None and message.get("type") == "message":
                             await self._receive(message["data"])
-            except _REDIS_ERRORS as exc:
+            except self._errors as exc:
                 self._lost(exc)
             await asyncio.sleep(pause)
             pause = min(pause * 2, BACKOFF_MOST)

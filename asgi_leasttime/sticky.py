@@ -72,8 +72,21 @@ class StickyCookie:
         domain: str | None = None,
         sliding: bool = False,
     ) -> None:
-        given = [secret_key] if isinstance(secret_key, str | bytes) else list(secret_key)
-        if not given or any(not key for key in given):
+        if secret_key is None:
+            raise OptionError(
+                "secret_key",
+                "must be a non-empty key or list of keys, not None (is the environment variable "
+                "it comes from set?)",
+            )
+        if isinstance(secret_key, str | bytes):
+            given: list[str | bytes] = [secret_key]
+        elif isinstance(secret_key, Iterable):
+            given = list(secret_key)
+        else:
+            raise OptionError(
+                "secret_key", f"must be a non-empty key or list of keys, not {secret_key!r}"
+            )
+        if not given or any(not key or not isinstance(key, str | bytes) for key in given):
             raise OptionError("secret_key", "must be a non-empty key or list of keys")
         if name is not None and (not name or _NOT_TOKEN.search(name)):
             raise OptionError("name", f"{name!r} is not a valid cookie name")

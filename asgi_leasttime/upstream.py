@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 
 from asgi_leasttime.options import OptionError, check_not_negative
 
-__all__ = ["Upstream", "check_url"]
+__all__ = ["NO_UPSTREAMS", "Upstream", "check_url", "upstream_list"]
+
+NO_UPSTREAMS = "at least one upstream is required"
+"""Why an empty list of upstreams is refused: the same words in Python and in the file."""
 
 
 class Upstream:
@@ -66,6 +70,28 @@ class Upstream:
         """The upstream URL for a request target (raw path and query) below the mount."""
         assert self.url is not None
         return self.url.copy_with(raw_path=self.base_path + target)
+
+
+def upstream_list(upstreams: Iterable[str | Upstream]) -> list[str | Upstream]:
+    """The ``upstreams`` option as a list, refused when it is not a non-empty list of URLs and
+    :class:`Upstream` objects (a single URL string is refused rather than read as its
+    characters)."""
+    if isinstance(upstreams, str | bytes | Upstream):
+        raise OptionError("upstreams", f"must be a list of URLs or Upstreams, not {upstreams!r}")
+    try:
+        listed = list(upstreams)
+    except TypeError:
+        raise OptionError(
+            "upstreams", f"must be a list of URLs or Upstreams, not {upstreams!r}"
+        ) from None
+    if not listed:
+        raise OptionError("upstreams", NO_UPSTREAMS)
+    for index, upstream in enumerate(listed):
+        if not isinstance(upstream, str | Upstream):
+            raise OptionError(
+                f"upstreams[{index}]", f"must be a URL or an Upstream, not {upstream!r}"
+            )
+    return listed
 
 
 def check_url(url: str) -> None:

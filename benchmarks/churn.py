@@ -104,8 +104,12 @@ def ours(ports: list[int], directory: Path, variant: str) -> Iterator[int]:
         lines += ["[sticky]", 'secret_key = "churn-benchmark-secret-key"', 'name = "lb"']
     config = directory / f"ours-{variant}.toml"
     config.write_text("\n".join(lines) + "\n")
-    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
-    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.DEVNULL)
+    # No access log, as nginx and haproxy run here: the comparison is of what clients see.
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config),
+               "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_port(port, 20)
         yield port
@@ -183,6 +187,7 @@ PROXIES: list[tuple[str, Proxy, str]] = [
 @dataclass
 class Seen:
     errors: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[str] = field(default_factory=Counter)  # what the errors were
     sent: int = 0
     latencies: list[float] = field(default_factory=list)
 
@@ -208,12 +213,14 @@ async def clients(port: int, seconds: float, rate: float, seen: Seen) -> None:
                 seen.sent += 1
                 try:
                     answer = await client.request(method, "/", headers=headers, content=b"x" * 64)
-                    ok = answer.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                seen.latencies.append(time.monotonic() - began)
-                if not ok:
+                    kind = str(answer.status_code)
+                except httpx.HTTPError as exc:
+                    kind = type(exc).__name__
+                took = time.monotonic() - began
+                seen.latencies.append(took)
+                if kind != "200":
                     seen.errors[method] += 1
+                    seen.kinds[f"{method} {kind} after {took:.2f} s"] += 1
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -280,6 +287,7 @@ def main() -> None:
             print(
                 f"{scenario:22} {label:34} GET errors {row[2]:4}  POST errors {row[3]:4}  "
                 f"p99 {p99:7.1f} ms  upstream/client {row[5]:.3f}  ({seen.sent} requests)",
+                dict(seen.kinds) or "",
                 flush=True,
             )
     print()

@@ -84,16 +84,38 @@ def test_check_names_the_key_of_a_port_out_of_range(tmp_path: Path, url: str) ->
     assert "not a TCP port" in finished.stderr
 
 
-def test_serve_sends_one_date_and_one_server_the_upstreams(upstream_urls: list[str]) -> None:
+def test_serve_sends_one_date_and_one_server(upstream_urls: list[str]) -> None:
     process, port = serve("--upstream", upstream_urls[0])
     try:
         response = httpx.get(f"http://127.0.0.1:{port}/")
+        answered = httpx.get(f"http://127.0.0.1:{port}/r/status?code=503")
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(15) == 0
     assert response.headers["x-upstream"] == "a"
-    assert len(response.headers.get_list("date")) == 1
-    assert response.headers.get_list("server") == ["uvicorn"]  # the upstream's
+    for answer in (response, answered):
+        assert len(answer.headers.get_list("date")) == 1
+        assert answer.headers.get_list("server") == ["uvicorn"]  # the front uvicorn's
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("port", 70000), ("port", -1), ("port", 0), ("workers", 0)]
+)
+def test_serve_refuses_command_line_values_as_the_file_does(key: str, value: int) -> None:
+    """``--port 70000`` used to listen on 4464, ``--workers 0`` to start one process."""
+    from asgi_leasttime.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as in_file:
+        parse_config({"upstreams": [{"url": "http://127.0.0.1:9"}], "server": {key: value}})
+    (message,) = in_file.value.errors
+    assert message.startswith(f"server.{key}: ")
+    command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", "--upstream",
+               "http://127.0.0.1:9", f"--{key}", str(value)]  # fmt: skip
+    if key != "port":
+        command += ["--port", str(free_port())]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert finished.returncode == 2
+    assert finished.stderr.strip() == f"--{key}: {message.removeprefix(f'server.{key}: ')}"
 
 
 def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Path) -> None:

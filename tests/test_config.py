@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +94,7 @@ def test_the_collector_can_be_left_alone() -> None:
             "helth_check: unknown section (did you mean 'health_check'?)",
         ),
         ({"upstreams": [{"name": "a"}]}, "upstreams[0].url: required"),
-        ({}, "upstreams: at least one [[upstreams]] entry with a url is required"),
+        ({}, "upstreams: at least one upstream is required: an [[upstreams]] entry with a url"),
         (
             {"upstreams": [{"url": "http://a:1"}], "balancer": {"trusted_proxies": ["nope"]}},
             "balancer.trusted_proxies[0]: 'nope' is not an address or network",
@@ -172,24 +177,34 @@ def test_every_key_is_documented() -> None:
 URL = "http://127.0.0.1:9001"
 
 
-def _tls_files() -> dict[str, str]:
-    """A CA and a client certificate, as PEM files, for the [tls] samples."""
-    import tempfile
+TLS = "<tls>/"
+"""Stands for the folder of the ``tls_folder`` fixture in the [tls] samples (see ``located``)."""
 
+
+@pytest.fixture(scope="module")
+def tls_folder() -> Iterator[str]:
+    """A CA and a client certificate, as PEM files, for the [tls] samples; removed after."""
     import trustme
 
-    folder = Path(tempfile.mkdtemp(prefix="asgi-leasttime-tls-"))
-    ca = trustme.CA()
-    client = ca.issue_cert("client.example")
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
-    client.private_key_pem.write_to_path(str(folder / "client.key"))
-    client.private_key_and_cert_chain_pem.write_to_path(str(folder / "client-and-key.pem"))
-    names = ("ca.pem", "client.pem", "client.key", "client-and-key.pem")
-    return {name: str(folder / name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="asgi-leasttime-tls-") as name:
+        folder = Path(name)
+        ca = trustme.CA()
+        client = ca.issue_cert("client.example")
+        ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+        client.cert_chain_pems[0].write_to_path(str(folder / "client.pem"))
+        client.private_key_pem.write_to_path(str(folder / "client.key"))
+        client.private_key_and_cert_chain_pem.write_to_path(str(folder / "client-and-key.pem"))
+        yield f"{folder}/"
 
 
-TLS_FILES = _tls_files()
+def located(value: Any, folder: str) -> Any:
+    """A sample with the TLS files' folder put in."""
+    if isinstance(value, str):
+        return value.replace(TLS, folder)
+    if isinstance(value, list):
+        return [located(item, folder) for item in value]
+    return value
+
 
 # A value other than the default for every key of every table.
 SAMPLES: dict[tuple[str, str], Any] = {
@@ -201,6 +216,7 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("balancer", "mode"): "traefik",
     ("balancer", "pass_host_header"): False,
     ("balancer", "trusted_proxies"): ["10.0.0.0/8", "::1"],
+    ("balancer", "pass_server_header"): True,
     ("upstream", "url"): "http://127.0.0.1:9002/base",
     ("upstream", "name"): "named",
     ("upstream", "weight"): 2.5,
@@ -243,9 +259,9 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("state", "prefix"): "shop-lb",
     ("state", "password_env"): "MY_STORE_PASSWORD",
     ("state", "report_every"): 0.25,
-    ("tls", "root_cas"): [TLS_FILES["ca.pem"]],
-    ("tls", "cert_file"): TLS_FILES["client-and-key.pem"],
-    ("tls", "key_file"): TLS_FILES["client.key"],
+    ("tls", "root_cas"): [TLS + "ca.pem"],
+    ("tls", "cert_file"): TLS + "client-and-key.pem",
+    ("tls", "key_file"): TLS + "client.key",
     ("tls", "server_name"): "upstream.internal",
     ("tls", "insecure_skip_verify"): True,
     ("retry", "attempts"): 2,
@@ -292,15 +308,17 @@ REFUSED: dict[tuple[str, str], Any] = {
 }
 
 
-def direct(table: str, key: str, value: Any) -> Any:
+def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
     """What the constructor behind ``table`` makes of ``key = value``, called from Python."""
     options = {key: value}
     if table == "server":
         return (
-            LeastTimeProxy(upstreams=[], **options) if key == "name" else ServerOptions(**options)
+            LeastTimeProxy(upstreams=[URL], **options)
+            if key == "name"
+            else ServerOptions(**options)
         )
     if table == "balancer":
-        proxy = LeastTimeProxy(upstreams=[], **options)
+        proxy = LeastTimeProxy(upstreams=[URL], **options)
         return proxy.balancer if key == "mode" else proxy.request_headers
     if table == "upstream":
         return Upstream(**{"url": URL, **options})
@@ -309,7 +327,7 @@ def direct(table: str, key: str, value: Any) -> Any:
     if table == "state":
         return RedisState(**{"url": "redis://127.0.0.1:6379", **options})
     if table == "tls" and key == "key_file":
-        options["cert_file"] = TLS_FILES["client.pem"]
+        options["cert_file"] = tls_folder + "client.pem"
     constructors: dict[str, Any] = {
         "health_check": HealthCheck,
         "passive_health_check": PassiveHealthCheck,
@@ -322,7 +340,7 @@ def direct(table: str, key: str, value: Any) -> Any:
     return constructors[table](**options)
 
 
-def from_file(table: str, key: str, value: Any) -> Any:
+def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
     """What the configuration file makes of ``key = value`` in ``table``."""
     upstream = {"url": URL, **({key: value} if table == "upstream" else {})}
     document: dict[str, Any] = {"upstreams": [upstream]}
@@ -332,8 +350,10 @@ def from_file(table: str, key: str, value: Any) -> Any:
         document[table]["secret_key"] = "k"
     if table == "state" and key != "url":
         document[table]["url"] = "redis://127.0.0.1:6379"
+    if table == "admin" and key != "port":
+        document[table]["port"] = 9100
     if table == "tls" and key == "key_file":
-        document[table]["cert_file"] = TLS_FILES["client.pem"]
+        document[table]["cert_file"] = tls_folder + "client.pem"
     config = parse_config(document)
     proxy = config.build_proxy({})
     if table == "server":
@@ -369,9 +389,11 @@ PRIVATE_NAMES = {"secret_key": "_signer", "prefix": "_prefix"}  # where the valu
 
 
 @pytest.mark.parametrize(("table", "key"), [k for k in SAMPLES if k not in FILE_ONLY])
-def test_an_option_means_in_the_file_what_it_means_to_its_constructor(table: str, key: str) -> None:
-    value = SAMPLES[table, key]
-    made, read = direct(table, key, value), from_file(table, key, value)
+def test_an_option_means_in_the_file_what_it_means_to_its_constructor(
+    table: str, key: str, tls_folder: str
+) -> None:
+    value = located(SAMPLES[table, key], tls_folder)
+    made, read = direct(table, key, value, tls_folder), from_file(table, key, value, tls_folder)
     attribute = PRIVATE_NAMES.get(key, key)
     if key == "secret_key":
         assert read._signer.secret_keys == made._signer.secret_keys
@@ -399,11 +421,90 @@ def test_the_sticky_keys_come_from_the_variable_the_file_names() -> None:
 
 
 @pytest.mark.parametrize(("table", "key"), list(REFUSED))
-def test_an_option_is_refused_in_the_file_as_by_its_constructor(table: str, key: str) -> None:
+def test_an_option_is_refused_in_the_file_as_by_its_constructor(
+    table: str, key: str, tls_folder: str
+) -> None:
     value = REFUSED[table, key]
     with pytest.raises(OptionError) as refused:
-        direct(table, key, value)
+        direct(table, key, value, tls_folder)
     where = "upstreams[0]" if table == "upstream" else table
     with pytest.raises(ConfigError) as reported:
-        from_file(table, key, value)
+        from_file(table, key, value, tls_folder)
     assert reported.value.errors == [f"{where}.{refused.value.option}: {refused.value.reason}"]
+
+
+# -- check reports what serve refuses, all of it at once ------------------------------------------
+
+
+def check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``asgi-leasttime check`` on a file holding ``text``: its exit status and stderr."""
+    path = tmp_path / "lb.toml"
+    path.write_text('[[upstreams]]\nurl = "http://127.0.0.1:9001"\n' + text)
+    status = main(["check", str(path)])
+    return status, capsys.readouterr().err
+
+
+def test_check_refuses_an_admin_table_without_a_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, err = check(tmp_path, '[admin]\nhost = "127.0.0.1"\n', capsys)
+    assert status == 1
+    assert "admin.port: required to serve the admin app" in err
+
+
+def test_check_refuses_a_short_admin_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MY_ADMIN_TOKEN", "short")
+    status, err = check(tmp_path, '[admin]\nport = 9100\ntoken_env = "MY_ADMIN_TOKEN"\n', capsys)
+    assert status == 1
+    assert "admin.token_env: the token in MY_ADMIN_TOKEN must be at least 16 characters" in err
+    monkeypatch.setenv("MY_ADMIN_TOKEN", "long enough to be a token")
+    assert check(tmp_path, '[admin]\nport = 9100\ntoken_env = "MY_ADMIN_TOKEN"\n', capsys)[0] == 0
+
+
+def test_every_refused_value_of_a_table_is_reported() -> None:
+    document = {
+        "upstreams": [{"url": URL}],
+        "health_check": {"interval": 0, "status": 999, "path": "health"},
+    }
+    assert sorted(errors_of(document)) == [
+        "health_check.interval: must be a positive number",
+        "health_check.path: must start with '/', not 'health'",
+        "health_check.status: must be 0 or an HTTP status (100-599)",
+    ]
+
+
+def test_an_empty_secret_key_in_the_file_is_the_file_s_mistake() -> None:
+    assert errors_of({"upstreams": [{"url": URL}], "sticky": {"secret_key": ""}}) == [
+        "sticky.secret_key: must be a non-empty key or list of keys"
+    ]
+
+
+def test_check_needs_no_secret_and_says_serve_does(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ASGI_LEASTTIME_SECRET", raising=False)
+    assert main(["check", str(EXAMPLE)]) == 0
+    out, err = capsys.readouterr()
+    assert "ok (2 upstreams: a, b)" in out
+    assert "note: sticky.secret_key_env: the environment variable ASGI_LEASTTIME_SECRET" in err
+
+
+def test_the_example_s_admin_port_is_the_docs() -> None:
+    config = load_config(EXAMPLE)
+    assert config.section("admin")["port"] == 9100
+    for page in ("admin.md", "dashboard.md"):
+        text = (EXAMPLE.parent.parent / "docs" / page).read_text()
+        assert ":9100" in text, page
+        assert ":9090" not in text, page
+
+
+def test_importing_these_tests_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-c", "import tests.test_config"]
+    environ = {**os.environ, "TMPDIR": str(scratch)}
+    subprocess.run(command, cwd=root, env=environ, check=True, timeout=60)
+    assert list(scratch.iterdir()) == []

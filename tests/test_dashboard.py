@@ -227,9 +227,9 @@ def test_the_demo_shows_its_dashboard_live(page: Page) -> None:
         expect(page.locator("#message")).to_contain_text("confirmed")
         expect(row(page, "fast").locator(".status")).to_contain_text("draining")  # type: ignore[attr-defined]
     finally:
+        page.goto("about:blank")  # first: no poll of a demo that is going
         demo.terminate()
         demo.wait(20)
-        page.goto("about:blank")  # no poll of a demo that has gone
 
 
 def test_a_drain_clicked_on_the_page_reaches_every_worker(page: Page, tmp_path: Path) -> None:

@@ -255,3 +255,29 @@ async def test_the_per_try_timeout_sends_a_slow_attempt_elsewhere() -> None:
     assert isinstance(seen[0], NoResponse)
     assert seen[0].per_try
     assert sent[0]["status"] == 200
+
+
+async def test_a_retry_after_a_write_failed_on_the_last_piece_does_not_wait_for_more_body() -> None:
+    """The first attempt took the body's one and last piece and failed writing it: the body
+    had ended, and the retry sends what was kept instead of waiting for more from the client
+    (a GET with a body hung here until the client gave up)."""
+    attempts: list[bytes] = []
+
+    async def fails_mid_write(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
+        async for chunk in body:
+            attempts.append(chunk)
+            if len(attempts) == 1:
+                raise RequestNotSent("reset while writing")  # the generator is not resumed
+        return FakeResponse()
+
+    again, _seen = another_upstream()
+    with anyio.fail_after(2):
+        _outcome, sent = await forward_with(
+            fails_mid_write,
+            "GET",
+            again=again,
+            receive=body_of(b"the body"),
+            headers=[(b"content-length", b"8")],
+        )
+    assert attempts == [b"the body", b"the body"]
+    assert sent[0]["status"] == 200

@@ -14,7 +14,7 @@ PACKAGE = Path(asgi_leasttime.__file__).parent
 LAYERS: list[set[str]] = [
     # Leaves: types, options, and helpers that know nothing of the rest.
     {"types", "options", "errors", "_sweeper", "_tasks", "_logging", "_paths", "_serving",
-     "_private_store", "dashboard"},
+     "_private_store", "dashboard", "_extras"},
     # What an upstream is and how it is reached, as options.
     {"upstream", "tls", "_headers", "retry"},
     # The balancing core: sans-IO.

@@ -201,9 +201,7 @@ def read_request(sock: socket.socket, data: bytes) -> tuple[bytes, bytes]:
 def proxy_for(url: str, upstream_client: str) -> Iterator[str]:
     """The proxy in front of one upstream, under uvicorn as ``asgi-leasttime serve`` runs it."""
     proxy = LeastTimeProxy(upstreams=[Upstream(url)], upstream_client=upstream_client)  # type: ignore[arg-type]
-    with running_in_thread(
-        proxy, lifespan="on", server_header=False, date_header=False, http="httptools"
-    ) as proxy_url:
+    with running_in_thread(proxy, lifespan="on", http="httptools") as proxy_url:
         yield proxy_url
 
 
@@ -313,25 +311,34 @@ def normalised(answer: Answer, case: Case) -> dict[str, object]:
     """What must be equal, direct and proxied.
 
     - the status and the error (a client that fails directly must fail through the proxy too);
-    - header fields, in order, minus hop-by-hop ones; ``date`` by count only (its value is the
-      second it was made); nginx's multipart boundary (a per-request counter) replaced;
+    - header fields, in order, minus hop-by-hop ones; ``date`` and ``server`` by count only (the
+      server in front sends its own, as NGINX does, first: the value and the place differ);
+      nginx's multipart boundary (a per-request counter) replaced;
     - the body, byte for byte; for an echo (``case.echo``), decoded and with the forwarding
       fields and ``origin`` removed, and then ``Content-Length`` is not compared.
     """
     body = _echo_without_forwarding(answer) if case.echo else answer.body
     boundary = _multipart_boundary(answer)
     headers = []
+    front = {"date": 0, "server": 0}
     for name, value in answer.headers:
         if name in HOP_BY_HOP or (case.echo and name == "content-length"):
             continue
-        if name == "date":
-            value = "<a date>"
-        elif boundary and name == "content-type":
+        if name in front:
+            front[name] += 1
+            continue
+        if boundary and name == "content-type":
             value = value.replace(boundary, "<boundary>")
         headers.append((name, value))
     if boundary:
         body = body.replace(boundary.encode(), b"<boundary>")
-    return {"status": answer.status, "error": answer.error, "headers": headers, "body": body}
+    return {
+        "status": answer.status,
+        "error": answer.error,
+        "headers": headers,
+        "front": front,
+        "body": body,
+    }
 
 
 def _multipart_boundary(answer: Answer) -> str:

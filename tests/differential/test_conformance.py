@@ -88,9 +88,12 @@ def targets() -> Iterator[dict[str, str]]:
 
 
 def one_of_each(answer: Answer) -> None:
+    """Exactly one Date and one Server on every answer the proxy forwards: uvicorn's."""
+    if not answer.status:  # the client gave up: no answer to look at
+        return
     names = [name for name, _ in answer.headers]
-    assert names.count("date") <= 1, answer.headers
-    assert names.count("server") <= 1, answer.headers
+    assert names.count("date") == 1, answer.headers
+    assert names.count("server") == 1, answer.headers
 
 
 @pytest.mark.parametrize("upstream_client", UPSTREAM_CLIENTS)
