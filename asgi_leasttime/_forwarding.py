@@ -183,10 +183,17 @@ def forward_http(
     to ``again``, which may aim the exchange at another upstream.
     """
     exchange = Exchange(
-        open_upstream, where, scope, receive, send, headers, extra_response_headers, on_response
+        open_upstream,
+        where,
+        scope,
+        receive,
+        send,
+        headers,
+        extra_response_headers,
+        on_response,
+        again=again,
+        retry=retry,
     )
-    if again is not None:
-        exchange.allow_retries(again, retry)
     return exchange.run(target)  # the coroutine itself, awaited by the caller: one frame less
 
 
@@ -198,15 +205,13 @@ class Exchange(ExchangeResult):
     __slots__ = (
         "again",
         "body_read",
-        "body_unread",
+        "body_size",
         "client_gone",
-        "error",
         "extra_response_headers",
         "finished",
         "has_body",
         "headers",
         "kept",
-        "kept_size",
         "lease",
         "method",
         "on_response",
@@ -220,11 +225,14 @@ class Exchange(ExchangeResult):
         "sent_at",
         "started",
         "task",
-        "tried",
+        "tried",  # set by ``again``; unset until then
         "watch_when_read",
         "watcher",
         "where",
     )
+
+    tried: tuple[str, ...]
+    """The caller's, set by ``again`` at the first retry: the upstreams tried before."""
 
     def __init__(
         self,
@@ -237,6 +245,9 @@ class Exchange(ExchangeResult):
         extra_response_headers: Headers | None,
         on_response: Callable[[int, float], None] | None,
         pass_server_header: bool = False,
+        lease: Any = None,
+        again: Again | None = None,
+        retry: Retry | None = None,
     ) -> None:
         self.open_upstream = open_upstream
         self.where = where
@@ -251,18 +262,22 @@ class Exchange(ExchangeResult):
         self.status: int | None = None
         self.failed = False
         self.retries = 0
-        self.error: UpstreamError | None = None  # what ended the last attempt, if anything did
-        self.lease: Any = None  # the caller's, for ``again``: the exchange never touches it
-        self.tried: list[str] = []  # the caller's too: the upstreams tried before this one
-        self.again: Again | None = None
-        self.policy: Retry | None = None
-        self.per_try: float | None = None  # the policy's per-try timeout, if it has one
-        self.retry_statuses: tuple[int, ...] = ()
-        self.has_body = _has_body(scope["headers"])
-        self.body_read = not self.has_body
-        self.body_unread = True  # no byte of the request body taken from the client yet
-        self.kept: list[bytes] | None = None  # the body read so far, while it can be resent
-        self.kept_size = 0
+        self.lease = lease  # the caller's, for ``again``: the exchange never touches it
+        # ``again`` is told of every failed attempt (a refusal is news even without retries);
+        # ``retry`` says what to keep so that the request can be sent again.
+        self.again = again
+        self.policy = retry
+        self.has_body = has_body = _has_body(scope["headers"])
+        self.body_read = not has_body
+        self.body_size = 0  # bytes of the request body taken from the client so far
+        if retry is not None:  # the proxy passes None for retries off
+            self.kept: list[bytes] | None = [] if has_body else None  # the body, to resend
+            self.retry_statuses = retry.retry_on_status
+            self.per_try = retry.per_try_timeout
+        else:
+            self.kept = None
+            self.retry_statuses = ()
+            self.per_try = None
         self.started = False  # the response to the client
         self.finished = False
         self.client_gone = False
@@ -272,16 +287,6 @@ class Exchange(ExchangeResult):
         # When the request was last sent (perf_counter): its TTFB starts here, and so does
         # the wait before the watcher (a retry, sent at once after a failed try, restarts it).
         self.sent_at = 0.0
-
-    def allow_retries(self, again: Again, retry: Retry | None) -> None:
-        """Hand failed attempts to ``again`` (always: a refusal is news even without retries),
-        and keep what the policy ``retry`` needs to send the request again."""
-        self.again = again
-        self.policy = retry
-        if retry is not None and retry.enabled:
-            self.kept = [] if self.has_body else None
-            self.retry_statuses = retry.retry_on_status
-            self.per_try = retry.per_try_timeout
 
     def aim(
         self,
@@ -387,7 +392,6 @@ class Exchange(ExchangeResult):
 
     async def _failed(self, exc: UpstreamError) -> None:
         """The request failed for good: the client is answered (or its answer cut off)."""
-        self.error = exc
         self.failed = self.status is None
         where = self.where
         # Rate-limited per upstream: a dead one behind a busy proxy fails every request.
@@ -418,11 +422,10 @@ class Exchange(ExchangeResult):
             elif not may_send_again(
                 error,  # type: ignore[arg-type]
                 method,
-                body_unread=self.body_unread,
+                body_unread=self.body_size == 0,
                 body_kept=self._body_kept(),
             ):
                 raise error  # type: ignore[misc]
-            self.error = error
             if self.again is None or not self.again(self, error):
                 if response is not None:
                     return response
@@ -440,7 +443,6 @@ class Exchange(ExchangeResult):
                 error = exc
                 continue
             if not (self.retry_statuses and response.status_code in self.retry_statuses):
-                self.error = None
                 return response
 
     def on_response_seen(self, response: UpstreamResponse) -> None:
@@ -517,13 +519,12 @@ class Exchange(ExchangeResult):
                 if self.watch_when_read:
                     self._start_watching()
             if chunk:
-                self.body_unread = False
+                self.body_size += len(chunk)
                 kept = self.kept
                 if kept is not None:
                     # Kept while it is small enough to send again (the retry policy's limit).
-                    self.kept_size += len(chunk)
                     policy = self.policy
-                    if policy is not None and self.kept_size <= policy.max_body:
+                    if policy is not None and self.body_size <= policy.max_body:
                         kept.append(chunk)
                     else:
                         self.kept = None

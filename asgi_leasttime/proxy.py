@@ -200,6 +200,7 @@ class LeastTimeProxy:
         self.retry_counts = RetryCounts()
         """Attempts tried again, or not and why, by reason (see :mod:`asgi_leasttime.retry`)."""
         self._budget = RetryBudget.of(self.retry) if self.retry is not None else None
+        self._on_failed_attempt = self._again  # bound once, not on every request
         self.state: StateStore = (state or InProcessState()).attached(self._members)
         self.passive: PassiveCheck | None = None
         """The passive check at work, built from ``passive_health_check``."""
@@ -612,9 +613,10 @@ class LeastTimeProxy:
                 set_cookie,
                 lease.answered,
                 self.request_headers.pass_server_header,
-            )
-            exchange.lease = lease
-            exchange.allow_retries(self._again, self.retry)
+                lease,
+                self._on_failed_attempt,
+                self.retry,
+            )  # positional: keywords cost on every request
             await exchange.run(target)
             if exchange.retries and self.metrics is not None:
                 self.metrics.retried(exchange.retries)
@@ -671,7 +673,7 @@ class LeastTimeProxy:
             return False
         # Not the upstreams tried already; the same one again only for a pooled connection it
         # had closed (its pool then has no idle ones left: the next attempt connects afresh).
-        tried = exchange.tried
+        tried: tuple[str, ...] = getattr(exchange, "tried", ())
         exclude = {*tried, *self._members.in_process}
         if reason != "reset":
             exclude.add(server.name)
@@ -695,7 +697,7 @@ class LeastTimeProxy:
         member = self._by_name[other.name]
         lease.release()
         exchange.lease = new = self.balancer.lease(other)
-        tried.append(server.name)
+        exchange.tried = (*tried, server.name)
         sticky = self.sticky
         set_cookie = [sticky.set_cookie_header(other.name)] if sticky is not None else None
         exchange.aim(member.opener, other.name, new.answered, set_cookie)
