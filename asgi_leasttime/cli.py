@@ -65,13 +65,22 @@ def _document_from_arguments(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The command line's flags for [server] keys (``--cert-file`` is ``cert_file``).
+LISTENING = ("host", "port", "workers", "cert_file", "key_file")
+
+
 def _listening(args: argparse.Namespace) -> dict[str, Any]:
-    """``--host``, ``--port`` and ``--workers`` as given, judged by :class:`ServerOptions` as
-    the file's ``[server]`` keys are (raises :class:`OptionError`)."""
-    given = {"host": args.host, "port": args.port, "workers": args.workers}
+    """``--host``, ``--port``, ``--workers``, ``--cert-file`` and ``--key-file`` as given,
+    judged by :class:`ServerOptions` as the file's ``[server]`` keys are (raises
+    :class:`OptionError`); the certificate's pair is judged again with the file's."""
+    given = {name: getattr(args, name) for name in LISTENING}
     given = {name: value for name, value in given.items() if value is not None}
-    ServerOptions(**given)
+    ServerOptions(**{**given, "key_file": None} if "cert_file" not in given else given)
     return given
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         given = _listening(args)
     except OptionError as exc:
-        print(f"--{exc.option}: {exc.reason}", file=sys.stderr)
+        print(f"{_flag(exc.option)}: {exc.reason}", file=sys.stderr)
         return 2
     if args.config and args.upstream:
         print("give a config file or --upstream URLs, not both", file=sys.stderr)
@@ -104,12 +113,25 @@ def _serve(args: argparse.Namespace) -> int:
         _print_errors(args.config or "--upstream", exc)
         return 1
     server = config.section("server")
-    listen = dataclasses.replace(
-        ServerOptions(**{key: value for key, value in server.items() if key != "name"}), **given
-    )
+    try:
+        listen = dataclasses.replace(
+            ServerOptions(**{key: value for key, value in server.items() if key != "name"}),
+            **given,
+        )
+    except OptionError as exc:  # --key-file with the file's cert_file, or the reverse
+        print(f"{_flag(exc.option)}: {exc.reason}", file=sys.stderr)
+        return 2
     host, port, workers = listen.host, listen.port, listen.workers
     passed = config.section("balancer")["pass_server_header"]
-    options = uvicorn_options(host, port, args.log_level, args.http, server_header=not passed)
+    options = uvicorn_options(
+        host,
+        port,
+        args.log_level,
+        args.http,
+        server_header=not passed,
+        cert_file=listen.cert_file,
+        key_file=listen.key_file,
+    )
     if workers == 1:
         if admin is None:
             uvicorn.run("asgi_leasttime.cli:create_app", **options)
@@ -141,12 +163,23 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def uvicorn_options(
-    host: str, port: int, log_level: str, http: str, *, server_header: bool = True
+    host: str,
+    port: int,
+    log_level: str,
+    http: str,
+    *,
+    server_header: bool = True,
+    cert_file: str | None = None,
+    key_file: str | None = None,
 ) -> dict[str, Any]:
     """How ``serve`` runs uvicorn. ``server_header``: uvicorn sends its ``Date`` and ``Server``
     (the proxy drops the upstream's); off when the proxy passes the upstream's instead
-    (``[balancer] pass_server_header``), so that the client gets one of each either way."""
+    (``[balancer] pass_server_header``), so that the client gets one of each either way.
+    ``cert_file`` (and ``key_file``): uvicorn terminates TLS with them (``[server]``'s keys),
+    in each worker."""
+    tls = {"ssl_certfile": cert_file, "ssl_keyfile": key_file} if cert_file is not None else {}
     return {
+        **tls,
         "host": host,
         "port": port,
         "factory": True,
@@ -278,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (default 1)")
+    serve.add_argument("--cert-file", metavar="PEM",
+                       help="serve HTTPS with this certificate chain (key included or "
+                       "--key-file)")  # fmt: skip
+    serve.add_argument("--key-file", metavar="PEM",
+                       help="the certificate's private key, if not in --cert-file")  # fmt: skip
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--http", choices=("httptools", "h11"), default="httptools",
                        help="uvicorn's HTTP parser: httptools (default, faster) or h11 (forwards "

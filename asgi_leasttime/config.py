@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import ssl
 import tomllib
 import types
 import typing
@@ -72,17 +73,62 @@ class ServerOptions:
     """How ``asgi-leasttime serve`` runs (``[server]``, with the proxy's ``name``): where it
     listens, how many workers, and whether each process freezes its heap out of the garbage
     collector's way once the proxy is built (``freeze_gc``: ``gc.collect()`` then
-    ``gc.freeze()``; the serving process's choice, not the library's)."""
+    ``gc.freeze()``; the serving process's choice, not the library's).
+
+    ``cert_file`` (a PEM certificate chain) turns HTTPS on: ``serve`` terminates TLS itself, as
+    Traefik's entrypoints do (uvicorn's ``ssl_certfile``); ``key_file`` is its private key if not
+    in the same file (``ssl_keyfile``). Both are loaded here, so a file that is missing,
+    unreadable or not a certificate and its key is refused when the file is checked."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
     freeze_gc: bool = True
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_port("port", self.port)
         check_positive("workers", self.workers)
+        if self.key_file is not None and self.cert_file is None:
+            raise OptionError("key_file", "needs a cert_file")
+        if self.cert_file is not None:
+            _check_certificate(self.cert_file, self.key_file)
+
+
+def _check_certificate(cert_file: str, key_file: str | None) -> None:
+    """Load a server certificate and its key as uvicorn will (:class:`OptionError` if not)."""
+    for option, path in (("cert_file", cert_file), ("key_file", key_file)):
+        if path is None:
+            continue
+        if not path:
+            raise OptionError(option, "must name a file, not be empty")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise OptionError(option, f"cannot read {path!r} ({exc.strerror})") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            if key_file is None:
+                reason = "its private key does not match its certificate"
+                raise OptionError("cert_file", reason) from None
+            reason = f"is not the private key of the certificate in {cert_file!r}"
+            raise OptionError("key_file", reason) from None
+        if key_file is None:
+            raise OptionError(
+                "cert_file",
+                f"cannot load {cert_file!r}: not a PEM certificate followed by its private key "
+                "(give the key in key_file if it is apart)",
+            ) from None
+        raise OptionError(
+            "cert_file",
+            f"cannot load {cert_file!r} with the key {key_file!r}: not a PEM certificate and key",
+        ) from None
 
 
 @dataclass(frozen=True)

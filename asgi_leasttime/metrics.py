@@ -21,11 +21,39 @@ from asgi_leasttime.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from asgi_leasttime.proxy import LeastTimeProxy
+    from asgi_leasttime.status import UpstreamStatus
 
 __all__ = ["AdminApp", "RequestMetrics"]
 
 PREFIX = "asgi_leasttime"
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def _relays_only(proxy: LeastTimeProxy) -> bool:
+    """Whether ``proxy`` shares a state it makes no reports to: a process that serves no traffic
+    and only relays changes, as ``serve --workers N``'s admin app in the supervisor (built with
+    ``Config.build_proxy(relay_only=True)``). Its own figures are not the traffic's."""
+    return getattr(proxy.state, "report_every", 1.0) is None
+
+
+def _shown_statuses(proxy: LeastTimeProxy, fleet: Fleet | None) -> list[UpstreamStatus]:
+    """The upstreams as ``/status`` and ``/metrics`` show them: the proxy's own figures, or,
+    for a proxy that :func:`_relays_only`, the fleet's (every reporting process's and its own:
+    counts added up, TTFB the requests-weighted mean, the score made from those)."""
+    statuses = proxy.upstream_status()
+    if fleet is None or not _relays_only(proxy):
+        return statuses
+    own = {
+        status.name: {
+            "inflight": float(status.inflight),
+            "requests": float(status.requests),
+            "failures": float(status.failures),
+            "average_ttfb": status.average_ttfb,
+        }
+        for status in statuses
+    }
+    totals = fleet_totals({**fleet, "(this process)": own})
+    return [status.with_figures(totals[status.name]) for status in statuses]
 
 
 class RequestMetrics:
@@ -114,7 +142,7 @@ class _UpstreamCollector:
             "Seconds a source (manual, active, passive, parent) has said the upstream is down.",
             labels=(*labels, "source"),
         )
-        for status in self.proxy.upstream_status():
+        for status in _shown_statuses(self.proxy, self.fleet):
             for source, seconds in status.down.items():
                 down.add_metric((service, status.name, source), seconds)
             up.add_metric((service, status.url or status.name), 1.0 if status.up else 0.0)
@@ -164,6 +192,11 @@ class _UpstreamCollector:
                 ("failures", "Failures recorded for the upstream, all processes."),
             )
         }
+        families["average_ttfb"] = GaugeMetricFamily(
+            f"{PREFIX}_fleet_server_average_ttfb_seconds",
+            "Average TTFB of the upstream, all processes: their averages weighted by requests.",
+            labels=labels,
+        )
         for name, total in fleet_totals(fleet).items():
             for key, family in families.items():
                 family.add_metric((service, name), total[key])
@@ -239,8 +272,9 @@ class AdminApp:
 
     def render_status(self, fleet: Fleet | None = None) -> bytes:
         """The body of ``/status``: the proxy and every upstream, as JSON; with ``fleet``, the
-        number of processes sharing the state and, per upstream, their figures added up."""
-        upstreams = [status.as_json() for status in self.proxy.upstream_status()]
+        number of processes sharing the state and, per upstream, their figures added up (and,
+        on a proxy that :func:`_relays_only`, those figures in place of its own)."""
+        upstreams = [status.as_json() for status in _shown_statuses(self.proxy, fleet)]
         document: dict[str, Any] = {
             "service": self.proxy.name,
             "mode": self.proxy.balancer.mode,

@@ -214,13 +214,26 @@ Fleet = dict[str, dict[str, dict[str, float]]]
 
 
 def fleet_totals(fleet: Fleet) -> dict[str, dict[str, float]]:
-    """Per upstream, the in-flight requests, requests and failures of every process added up."""
+    """Per upstream, the in-flight requests, requests and failures of every process added up,
+    and ``average_ttfb``: the processes' averages weighted by their requests (where none has
+    counted a request yet, the plain mean of the averages there are; 0 with none)."""
     totals: dict[str, dict[str, float]] = {}
+    ttfbs: dict[str, list[tuple[float, float]]] = {}  # upstream -> (average, requests) each
     for upstreams in fleet.values():
         for name, figures in upstreams.items():
             total = totals.setdefault(name, {"inflight": 0, "requests": 0, "failures": 0})
             for key in total:
                 total[key] += figures[key]
+            average = figures.get("average_ttfb", 0.0)
+            if average > 0:
+                ttfbs.setdefault(name, []).append((average, figures["requests"]))
+    for name, total in totals.items():
+        averages = ttfbs.get(name, [])
+        weights = sum(requests for _, requests in averages)
+        if weights > 0:
+            total["average_ttfb"] = sum(a * requests for a, requests in averages) / weights
+        else:
+            total["average_ttfb"] = sum(a for a, _ in averages) / len(averages) if averages else 0.0
     return totals
 
 

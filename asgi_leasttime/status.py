@@ -38,6 +38,20 @@ class UpstreamStatus:
             document["score"] = None
         return document
 
+    def with_figures(self, figures: dict[str, float]) -> UpstreamStatus:
+        """This snapshot with the figures of several processes (:func:`~asgi_leasttime.state.
+        fleet_totals`) in place of its own, and the least-time score made from them:
+        ``average_ttfb * (1 + inflight) / weight``."""
+        inflight, ttfb = int(figures["inflight"]), figures["average_ttfb"]
+        return dataclasses.replace(
+            self,
+            average_ttfb=ttfb,
+            inflight=inflight,
+            requests=int(figures["requests"]),
+            failures=int(figures["failures"]),
+            score=ttfb * (1 + inflight) / self.weight if self.weight > 0 else math.inf,
+        )
+
     @classmethod
     def of(cls, upstream: Upstream, server: Server, now: float) -> UpstreamStatus:
         """The snapshot of an upstream and its balancer server at ``now`` (balancer clock)."""

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,27 @@ def serve(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Pop
     process = subprocess.Popen(command, env={**os.environ, **(env or {})})
     wait_for_port(port, process)
     return process, port
+
+
+@contextlib.contextmanager
+def process_on_port(
+    command: list[str], port: int, *, env: dict[str, str] | None = None, cwd: Any = None
+) -> Iterator[str]:
+    """``command`` run until it listens on ``port``; yields its URL; stopped with SIGTERM (then
+    SIGKILL) at the end."""
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -213,6 +213,8 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("server", "workers"): 3,
     ("server", "name"): "shop",
     ("server", "freeze_gc"): False,
+    ("server", "cert_file"): TLS + "client-and-key.pem",
+    ("server", "key_file"): TLS + "client.key",
     ("balancer", "mode"): "traefik",
     ("balancer", "pass_host_header"): False,
     ("balancer", "trusted_proxies"): ["10.0.0.0/8", "::1"],
@@ -277,6 +279,8 @@ SAMPLES: dict[tuple[str, str], Any] = {
 REFUSED: dict[tuple[str, str], Any] = {
     ("server", "port"): 70000,
     ("server", "workers"): 0,
+    ("server", "cert_file"): "/nonexistent/server.pem",
+    ("server", "key_file"): "/nonexistent/server.key",
     ("balancer", "mode"): "fastest",
     ("balancer", "trusted_proxies"): ["nope"],
     ("upstream", "url"): "ftp://x",
@@ -311,6 +315,8 @@ REFUSED: dict[tuple[str, str], Any] = {
 def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
     """What the constructor behind ``table`` makes of ``key = value``, called from Python."""
     options = {key: value}
+    if key == "key_file":  # [server] and [tls]: a key goes with a certificate
+        options["cert_file"] = tls_folder + "client.pem"
     if table == "server":
         return (
             LeastTimeProxy(upstreams=[URL], **options)
@@ -326,8 +332,6 @@ def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
         return StickyCookie(**{"secret_key": "k", **options})
     if table == "state":
         return RedisState(**{"url": "redis://127.0.0.1:6379", **options})
-    if table == "tls" and key == "key_file":
-        options["cert_file"] = tls_folder + "client.pem"
     constructors: dict[str, Any] = {
         "health_check": HealthCheck,
         "passive_health_check": PassiveHealthCheck,
@@ -352,7 +356,7 @@ def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
         document[table]["url"] = "redis://127.0.0.1:6379"
     if table == "admin" and key != "port":
         document[table]["port"] = 9100
-    if table == "tls" and key == "key_file":
+    if table in ("tls", "server") and key == "key_file":
         document[table]["cert_file"] = tls_folder + "client.pem"
     config = parse_config(document)
     proxy = config.build_proxy({})
@@ -508,3 +512,42 @@ def test_importing_these_tests_leaves_no_temporary_directory(tmp_path: Path) -> 
     environ = {**os.environ, "TMPDIR": str(scratch)}
     subprocess.run(command, cwd=root, env=environ, check=True, timeout=60)
     assert list(scratch.iterdir()) == []
+
+
+def test_check_refuses_server_certificates_serve_could_not_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``[server] cert_file``/``key_file``: missing, a directory, a key without a certificate,
+    a certificate without its key, a key of another certificate: each named, as serve would."""
+    import trustme
+
+    ca = trustme.CA()
+    served, other = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    served.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    served.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    other.private_key_pem.write_to_path(str(tmp_path / "other.key"))
+    cases = {
+        '[server]\ncert_file = "/nonexistent/cert.pem"\n': (
+            "server.cert_file: cannot read '/nonexistent/cert.pem' (No such file or directory)"
+        ),
+        f'[server]\ncert_file = "{tmp_path}"\n': (
+            f"server.cert_file: cannot read '{tmp_path}' (Is a directory)"
+        ),
+        f'[server]\ncert_file = "{tmp_path}/cert.pem"\nkey_file = "/nonexistent/key.pem"\n': (
+            "server.key_file: cannot read '/nonexistent/key.pem' (No such file or directory)"
+        ),
+        f'[server]\nkey_file = "{tmp_path}/key.pem"\n': "server.key_file: needs a cert_file",
+        f'[server]\ncert_file = "{tmp_path}/cert.pem"\n': (
+            f"server.cert_file: cannot load '{tmp_path}/cert.pem': not a PEM certificate "
+            "followed by its private key (give the key in key_file if it is apart)"
+        ),
+        f'[server]\ncert_file = "{tmp_path}/cert.pem"\nkey_file = "{tmp_path}/other.key"\n': (
+            f"server.key_file: is not the private key of the certificate in '{tmp_path}/cert.pem'"
+        ),
+    }
+    for text, expected in cases.items():
+        status, err = check(tmp_path, text, capsys)
+        assert status == 1, text
+        assert err.splitlines()[1:] == [f"  {expected}"], err
+    good = f'[server]\ncert_file = "{tmp_path}/cert.pem"\nkey_file = "{tmp_path}/key.pem"\n'
+    assert check(tmp_path, good, capsys)[0] == 0

@@ -260,6 +260,15 @@ def test_a_drain_clicked_on_the_page_reaches_every_worker(page: Page, tmp_path: 
             assert a.requests == before
             assert b.requests >= 100
             expect(page.locator("#summary")).to_contain_text("2 processes sharing the state")
+            # The workers' figures, from their reports: not the idle supervisor's zeros.
+            cell = 'tr[data-upstream="b"] td[data-label="{}"]'
+            expect(page.locator(cell.format("Avg TTFB"))).not_to_have_text("\u2013", timeout=5000)
+            expect(page.locator(cell.format("Score"))).not_to_have_text("0.00 ms")
+            page.wait_for_function(
+                """() => Number(document.querySelector(
+                     'tr[data-upstream="b"] td[data-label="Requests"]').textContent) >= 100""",
+                timeout=5000,
+            )
         finally:
             page.goto("about:blank")
             process.send_signal(signal.SIGINT)

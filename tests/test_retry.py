@@ -149,14 +149,18 @@ async def test_closing_the_client_closes_the_connections_still_carrying_an_answe
 # -- refusals -------------------------------------------------------------------------------------
 
 
-async def test_an_upstream_dead_from_the_start_costs_no_client_an_error() -> None:
+@contextlib.asynccontextmanager
+async def one_dead_one_alive() -> AsyncIterator[tuple[LeastTimeProxy, httpx.AsyncClient]]:
+    """A proxy over an upstream that was never started and one that answers."""
     async with (
         running(UpstreamApp("alive")) as alive,
-        proxied(Upstream(closed_port_url(), name="dead"), Upstream(alive, name="alive")) as (
-            proxy,
-            client,
-        ),
+        proxied(Upstream(closed_port_url(), name="dead"), Upstream(alive, name="alive")) as found,
     ):
+        yield found
+
+
+async def test_an_upstream_dead_from_the_start_costs_no_client_an_error() -> None:
+    async with one_dead_one_alive() as (proxy, client):
         statuses = Counter()
         for index in range(40):
             method = "GET" if index % 2 else "POST"
@@ -358,13 +362,7 @@ async def test_a_frozen_upstream_holds_only_what_it_had_with_a_per_try_timeout()
 
 
 async def test_retries_are_counted_in_status_and_metrics() -> None:
-    async with (
-        running(UpstreamApp("alive")) as alive,
-        proxied(Upstream(closed_port_url(), name="dead"), Upstream(alive, name="alive")) as (
-            proxy,
-            client,
-        ),
-    ):
+    async with one_dead_one_alive() as (proxy, client):
         for _ in range(4):
             await client.get("/")
         admin = AdminApp(proxy)

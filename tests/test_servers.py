@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import free_port, running_in_thread, wait_for_port
+from tests.servers import free_port, process_on_port, running_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_DATE = "Mon, 01 Jan 2001 00:00:00 GMT"
@@ -60,23 +58,8 @@ def front(server: str, app: str, upstream_url: str, *flags: str, **env: str) -> 
     port = free_port()
     command = ["-m", *SERVERS[server].format(port=port).split(), *flags, f"tests.front_app:{app}"]
     environ = {**os.environ, "UPSTREAM_URL": upstream_url, **env}
-    process = subprocess.Popen(
-        [sys.executable, *command],
-        cwd=ROOT,
-        env=environ,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+    with process_on_port([sys.executable, *command], port, env=environ, cwd=ROOT) as url:
+        yield url
 
 
 def one_of_each(answer: httpx.Response) -> tuple[str, str]:

@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import requests
 
 from asgi_leasttime import LeastTimeProxy, Upstream
 from tests.rawserver import threaded_upstream
-from tests.servers import free_port, running_in_thread, wait_for_port
+from tests.servers import free_port, process_on_port, running_in_thread
 
 Headers = list[tuple[str, str]]
 
@@ -69,23 +68,6 @@ class Answer:
 
 
 # -- the upstreams --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def process_on_port(command: list[str], port: int) -> Iterator[str]:
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @contextlib.contextmanager
