@@ -320,8 +320,9 @@ class Exchange(ExchangeResult):
                         response = await self._open(target, body)
                 except UpstreamError as exc:
                     response = await self._another_attempt(target, exc)
-                if self.retry_statuses and response.status_code in self.retry_statuses:
-                    response = await self._another_attempt(target, None, response)
+                else:
+                    if self.retry_statuses and response.status_code in self.retry_statuses:
+                        response = await self._another_attempt(target, None, response)
                 self.ttfb = ttfb = time.perf_counter() - self.sent_at
                 try:
                     try:
@@ -426,7 +427,13 @@ class Exchange(ExchangeResult):
                 body_kept=self._body_kept(),
             ):
                 raise error  # type: ignore[misc]
-            if self.again is None or not self.again(self, error):
+            try:
+                again = self.again is not None and self.again(self, error)
+            except BaseException:
+                if response is not None:
+                    await response.aclose()  # its connection goes back to its pool
+                raise
+            if not again:
                 if response is not None:
                     return response
                 raise error  # type: ignore[misc]

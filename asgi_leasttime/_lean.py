@@ -74,6 +74,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False  # reading, until HIGH_WATER bytes wait to be taken
         self.head_done = False
+        self.written = False  # a byte of this request went out
         self.received = False  # a byte of this request's answer came
         self.complete = False
         self.head_only = False
@@ -241,9 +242,21 @@ class _Connection(asyncio.Protocol):
     def write_nowait(self, data: bytes) -> bool:
         """Hand ``data`` to the transport; whether it takes more now (else await drained)."""
         if self.closed or self.transport is None or self.transport.is_closing():
-            raise self.error or RequestNotSent("upstream connection closed", reused=self.reused)
+            raise self._unwritten()
         self.transport.write(data)
+        self.written = True
         return self.can_write.is_set()
+
+    def _unwritten(self) -> UpstreamError:
+        """The error for a write that found the connection closed: before any byte of the
+        request went out, nothing was sent (a fresh connection closed at once is as good as
+        refused); after, what the close said."""
+        message = "upstream closed the connection before the request was written"
+        if not self.written:
+            if self.reused:
+                return RequestNotSent(message, reused=True)
+            return NotConnected(message)
+        return self.error or RequestNotSent("upstream connection closed", reused=self.reused)
 
     async def drained(self, seconds: float | None) -> None:
         """Until the upstream has read enough of what was written (flow control)."""

@@ -534,7 +534,10 @@ class Balancer:
         """
         if source not in SOURCES:
             raise OptionError("source", f"must be one of {', '.join(map(repr, SOURCES))}")
-        self._flag(self[name], source, up, clear_all=self._traefik)
+        server = self[name]
+        if up and source == "refused":
+            server._refused_wait = RECHECK_FIRST  # cleared by proof (a probe): waits afresh
+        self._flag(server, source, up, clear_all=self._traefik)
 
     def _flag(self, server: Server, source: Source, up: bool, clear_all: bool = False) -> None:
         flags = server._down

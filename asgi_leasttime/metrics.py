@@ -79,7 +79,7 @@ class RequestMetrics:
         )
         self.retries = Counter(
             f"{PREFIX}_service_retries_total",
-            "Requests sent again on a fresh connection after a pooled one failed.",
+            "Attempts after the first, sent to another upstream (see ..._retries_total).",
             ("service",),
             registry=self.registry,
         )
@@ -94,7 +94,7 @@ class RequestMetrics:
         self.duration.labels(*labels).observe(seconds)
 
     def retried(self, count: int) -> None:
-        """Count requests sent again on a fresh connection."""
+        """Count attempts after the first, sent to another upstream."""
         self.retries.labels(self.service).inc(count)
 
 

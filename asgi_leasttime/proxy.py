@@ -44,7 +44,7 @@ class RequestObserver(Protocol):
         """One finished request: its method, the status sent, the protocol, its duration."""
 
     def retried(self, count: int) -> None:
-        """Requests sent again on a fresh connection."""
+        """Attempts after the first, made on other upstreams."""
 
 
 __all__ = ["LeastTimeProxy"]
@@ -454,6 +454,16 @@ class LeastTimeProxy:
                 gc.freeze()
             yield
 
+    def _timers_due(self) -> None:
+        """What the lifespan's timer does, for a proxy served without a lifespan
+        (``--lifespan off``): refused upstreams and ended ejections come back on requests."""
+        balancer, passive = self.balancer, self.passive
+        now = balancer.clock()
+        if balancer.next_return <= now:
+            self._return_refused()
+        if passive is not None and passive.next_return <= now:
+            passive.restore_due()
+
     async def _timer(self) -> None:
         balancer, budget = self.balancer, self._budget
         while True:
@@ -575,6 +585,8 @@ class LeastTimeProxy:
         budget = self._budget
         if budget is not None:
             budget.requests += 1  # count_request() spelt out: one call less on every request
+        if self._task_group is None:
+            self._timers_due()  # no lifespan runs the timer: the requests do
         try:
             lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
@@ -656,8 +668,11 @@ class LeastTimeProxy:
         and the upstreams left allow."""
         lease: Lease = exchange.lease
         server = lease.server
-        lease.failed()  # the passive check sees it; a status was counted when it came
         reason = reason_of(error)
+        if reason != "reset":
+            # The passive check sees it (a status was counted when it came). A pooled
+            # connection the upstream had closed says nothing of its health: not counted.
+            lease.failed()
         if isinstance(error, NotConnected) and not error.pool_full:
             if "refused" not in server.down_flags:
                 _refusals.warning(
@@ -667,9 +682,16 @@ class LeastTimeProxy:
                     error,
                 )
             self.balancer.refused(server)
-        retry, counts = self.retry, self.retry_counts
-        if retry is None or exchange.retries + 1 >= retry.attempts:
+        retry, counts, budget = self.retry, self.retry_counts, self._budget
+        if retry is None or budget is None or exchange.retries + 1 >= retry.attempts:
             counts.count(reason, "attempts")
+            return False
+        if budget.allowed() < 1:  # before bringing back a refused upstream for nothing
+            budget.spent += 1
+            counts.count(reason, "budget")
+            _retries_refused.warning(
+                self.name, "retry budget of %r spent: %s failed for good", self.name, reason
+            )
             return False
         # Not the upstreams tried already; the same one again only for a pooled connection it
         # had closed (its pool then has no idle ones left: the next attempt connects afresh).
@@ -684,17 +706,11 @@ class LeastTimeProxy:
         if other is None and self._return_refused(soonest=True):
             with contextlib.suppress(NoAvailableServer):
                 other = self.balancer.next_server_except(exclude)
-        if other is None:
+        member = self._by_name.get(other.name) if other is not None else None
+        if other is None or member is None:  # (a server put in the balancer by hand)
             counts.count(reason, "no_upstream")
             return False
-        budget = self._budget
-        if budget is None or not budget.try_spend():
-            counts.count(reason, "budget")
-            _retries_refused.warning(
-                self.name, "retry budget of %r spent: %s failed for good", self.name, reason
-            )
-            return False
-        member = self._by_name[other.name]
+        budget.try_spend()
         lease.release()
         exchange.lease = new = self.balancer.lease(other)
         exchange.tried = (*tried, server.name)

@@ -47,8 +47,9 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 REASONS = ("refused", "reset", "no_response", "timeout", "status")
 """Why an attempt is tried again: ``refused`` (never connected), ``reset`` (a reused pooled
-connection closed before an answer), ``no_response`` (written, no answer, the connection
-closed), ``timeout`` (the per-try timeout), ``status`` (a status in ``retry_on_status``)."""
+connection closed before an answer), ``no_response`` (a fresh connection closed before an
+answer, the request written whole or in part), ``timeout`` (the per-try timeout), ``status``
+(a status in ``retry_on_status``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +120,7 @@ def may_send_again(
     if error.timed_out and not (isinstance(error, NoResponse) and error.per_try):
         return False  # a read or write timeout: the upstream may still be working on it
     if error.reused and body_unread:
-        return True
+        return True  # an idle connection the upstream closed as the request went out
     return method in IDEMPOTENT and body_kept
 
 

@@ -157,13 +157,15 @@ def merge(record: Record | None, change: Change, version: int) -> Record:
     unless given), a removal keeps the rest for the record's history."""
     merged: Record = dict(record or {})
     fields = dict(change.fields)
-    if change.adds:
+    if change.adds:  # a new upstream: nothing of the one that had its name carries over
+        for flag in ("active_down", "passive_down", "passive_until"):
+            merged.pop(flag, None)
         fields = {"weight": 1, "fenced": False, "down": False, "removed": False, **fields}
-    if fields.get("passive_down") is False:
-        fields["passive_until"] = 0
-    elif fields.get("passive_down") is True:
+    if fields.get("passive_down") is True:
         fields.setdefault("passive_until", 0)
     merged.update(fields)
+    if not merged.get("passive_down"):
+        merged.pop("passive_until", None)  # an until goes only with an ejection
     merged["version"] = version
     return merged
 
@@ -190,13 +192,15 @@ def valid_record(record: Any) -> bool:
 
 def changed_since(previous: Record | None, record: Record) -> dict[str, Any]:
     """The fields of ``record`` that differ from ``previous`` (the record applied before it):
-    what another process changed. A record made since a removal, or the first one heard of, is
-    taken whole."""
+    what another process changed. The first record heard of, one made since a removal, and one
+    for a new URL under the name are taken whole."""
     fields = {key: value for key, value in record.items() if key != "version"}
-    if previous is None or previous.get("removed") or record.get("removed"):
-        if record.get("removed"):
-            return {"removed": True}
-        return fields
+    if not fields.get("passive_down"):
+        fields.pop("passive_until", None)  # records written before the rule was kept
+    if record.get("removed"):
+        return {"removed": True}
+    if previous is None or previous.get("removed") or previous.get("url") != record.get("url"):
+        return fields  # the first heard of, or a new upstream under the name: taken whole
     changed = {key: value for key, value in fields.items() if previous.get(key) != value}
     if "passive_down" in changed or "passive_until" in changed:
         changed["passive_down"] = fields.get("passive_down", False)

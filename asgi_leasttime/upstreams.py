@@ -13,6 +13,7 @@ removing an upstream leaves nothing behind.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Collection, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -139,6 +140,7 @@ class UpstreamSet:
         name = upstream.name
         if name in self._members:
             raise ValueError(f"an upstream named {name!r} is already in this proxy")
+        upstream = copy.copy(upstream)  # the caller's stays as given: its weight may change here
         opener = self._make_opener(upstream) if upstream.url is not None else None
         server = None
         if upstream.weight > 0:

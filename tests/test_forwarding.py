@@ -281,3 +281,27 @@ async def test_a_retry_after_a_write_failed_on_the_last_piece_does_not_wait_for_
         )
     assert attempts == [b"the body", b"the body"]
     assert sent[0]["status"] == 200
+
+
+async def test_a_listed_status_after_a_retry_is_handed_over_once() -> None:
+    """A refusal, then a listed status on the retry with nothing left to try: ``again`` hears of
+    each failed attempt once (it counted the status twice, and the budget with it)."""
+    answers: list[Any] = [NotConnected("refused"), 503]
+
+    class Answer503(FakeResponse):
+        def __init__(self) -> None:
+            super().__init__()
+            self.status_code = 503
+
+    async def refused_then_503(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return Answer503()
+
+    again, seen = another_upstream(times=1)
+    _outcome, sent = await forward_with(
+        refused_then_503, "GET", again=again, retry=Retry(retry_on_status=(503,))
+    )
+    assert len(seen) == 2
+    assert sent[0]["status"] == 503

@@ -20,7 +20,8 @@ LAYERS: list[set[str]] = [
     # The balancing core: sans-IO.
     {"balancer", "lease", "status", "sticky"},
     # Health, state and transport: each knows the core, none knows the proxy.
-    {"health", "state", "redis_state", "client", "_lean", "_httpx", "_websocket"},
+    {"health", "state", "redis_state", "workers_state", "client", "_lean", "_httpx",
+     "_websocket"},
     # The one owner of a proxy's upstreams.
     {"upstreams"},
     # One exchange with an upstream.

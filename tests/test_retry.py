@@ -375,3 +375,31 @@ async def test_retries_are_counted_in_status_and_metrics() -> None:
     assert 'asgi_leasttime_retries_total{outcome="retried",reason="refused"' in metrics
     by_name = {u["name"]: u for u in status["upstreams"]}
     assert "refused" in by_name["dead"]["down"]
+
+
+async def test_without_a_lifespan_a_refused_upstream_comes_back_on_requests() -> None:
+    """Served with ``--lifespan off`` no timer runs: the requests bring a refused upstream
+    back once its wait is over."""
+    from asgi_leasttime import Balancer
+
+    clock = FakeClock()
+    async with running(UpstreamApp("alive")) as alive:
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(closed_port_url(), name="dead"), Upstream(alive, name="alive")],
+            balancer=Balancer(clock=clock, wants_health_check=True),
+            upstream_client=UPSTREAM_CLIENT,
+        )
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
+            for _ in range(3):
+                assert (await client.get("/")).status_code == 200
+            assert "refused" in proxy.balancer["dead"].down_flags
+            tried = proxy.retry_counts.counts["refused", "retried"]
+            assert (await client.get("/")).status_code == 200
+            # Still out: not tried again before its wait is over.
+            assert proxy.retry_counts.counts["refused", "retried"] == tried
+            clock.now += 2.5  # past the first wait
+            assert (await client.get("/")).status_code == 200
+            # Back on this request, tried, refused again (and the request retried elsewhere).
+            assert proxy.retry_counts.counts["refused", "retried"] == tried + 1
+        await proxy.aclose()

@@ -203,7 +203,8 @@ def test_merging_changes() -> None:
     ejected = merge(record, Change("a", passive_down=True, passive_until=1_800_000_000.5), 3)
     assert (ejected["passive_down"], ejected["passive_until"]) == (True, 1_800_000_000.5)
     ended = merge(ejected, Change("a", passive_down=False), 4)
-    assert (ended["passive_down"], ended["passive_until"]) == (False, 0)
+    assert ended["passive_down"] is False
+    assert "passive_until" not in ended  # an until goes only with an ejection
     assert valid_record(ejected)
     assert valid_record(ended)
     assert not valid_record({**ejected, "passive_until": -1})
@@ -231,6 +232,33 @@ def test_every_mistake_of_a_change_is_named_at_once() -> None:
         Change("a", down="yes", weight=-1)
     assert "down" in str(caught.value)
     assert "weight" in str(caught.value)
+
+
+def test_a_record_after_an_ejection_ended_can_be_taken_whole() -> None:
+    """A process that starts late, or after a store reset, reads each record whole: one whose
+    passive ejection has ended must still be a change an upstream can take."""
+
+    record = merge(None, Change("a", url="http://127.0.0.1:9", weight=2), 1)
+    record = merge(record, Change("a", passive_down=True, passive_until=1_800_000_000.0), 2)
+    record = merge(record, Change("a", passive_down=False), 3)
+    proxy = LeastTimeProxy(upstreams=["http://127.0.0.1:8"])
+    assert proxy.state.apply("a", record)
+    assert proxy.balancer["a"].weight == 2
+
+
+def test_a_new_url_under_a_name_is_taken_whole_and_inherits_no_ejection() -> None:
+    from asgi_leasttime.state import changed_since
+
+    old = merge(None, Change("a", url="http://127.0.0.1:9"), 1)
+    old = merge(old, Change("a", passive_down=True, passive_until=0), 2)
+    new = merge(
+        merge(old, Change("a", removed=True), 3),
+        Change("a", url="http://127.0.0.1:7", weight=3, fenced=True),
+        4,
+    )
+    assert "passive_down" not in new
+    assert changed_since(old, new)["weight"] == 3  # not just the url that differs
+    assert changed_since(old, new)["fenced"] is True
 
 
 async def test_in_process_changes_apply_at_once() -> None:

@@ -376,3 +376,13 @@ def test_passive_options_are_frozen() -> None:
     with pytest.raises(AttributeError):
         passive.failure_window = 3  # type: ignore[misc]
     assert time.time() > 0
+
+
+def test_the_upstream_objects_given_stay_as_given() -> None:
+    given = Upstream("http://127.0.0.1:9001", name="a")
+    first = LeastTimeProxy(upstreams=[given])
+    second = LeastTimeProxy(upstreams=[given])
+    first.set_weight("a", 5)
+    first.set_fenced("a", True)
+    assert (given.weight, given.fenced) == (1, False)
+    assert second.upstreams["a"].weight == 1
