@@ -190,6 +190,7 @@ class LeastTimeProxy:
         self.metrics: RequestObserver | None = None  # see observe_requests()
         self._users = 0  # lifespans entered and not left
         self._all_left: anyio.Event | None = None
+        self._stopping: anyio.Event | None = None  # set once the last user's teardown is over
         self._task_group: anyio.abc.TaskGroup | None = None
         self._members = UpstreamSet(name, self.balancer, self._opener)
         self._by_name = self._members.by_name
@@ -402,6 +403,8 @@ class LeastTimeProxy:
         in-process child proxies) on startup; stop and close on shutdown. Entered again while
         it runs (a middleware's lifespan and the app's both naming it), it counts its users and
         stops when the last one leaves."""
+        while self._stopping is not None:  # the last user is leaving: start afresh after
+            await self._stopping.wait()
         if self._users:
             self._users += 1
             try:
@@ -421,6 +424,7 @@ class LeastTimeProxy:
                     self._users -= 1
                     if self._users:  # another user, in another task, is still inside
                         await self._all_left.wait()
+                    self._stopping = anyio.Event()  # from here on, newcomers wait
         except BaseExceptionGroup as group:
             # The task group wraps what it meets; one error is shown as itself.
             if len(group.exceptions) == 1:
@@ -429,6 +433,9 @@ class LeastTimeProxy:
         finally:
             self._users = 0
             self._all_left = None
+            stopping, self._stopping = self._stopping, None
+            if stopping is not None:
+                stopping.set()
 
     @contextlib.asynccontextmanager
     async def _start(self) -> AsyncIterator[None]:

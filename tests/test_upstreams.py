@@ -386,3 +386,53 @@ def test_the_upstream_objects_given_stay_as_given() -> None:
     first.set_fenced("a", True)
     assert (given.weight, given.fenced) == (1, False)
     assert second.upstreams["a"].weight == 1
+
+
+class _SlowToStop(InProcessState):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+        self.stopping = anyio.Event()
+        self.starts = 0
+
+    def attached(self, host: Any) -> _SlowToStop:
+        self.host = host  # one object, to watch it from the test
+        return self
+
+    @contextlib.asynccontextmanager
+    async def running(self, task_group: Any) -> AsyncIterator[None]:
+        self.starts += 1
+        try:
+            yield
+        finally:
+            self.stopping.set()
+            await self.release.wait()
+
+
+async def test_a_user_entering_while_the_last_one_tears_down_waits_and_starts_afresh() -> None:
+    store = _SlowToStop()
+    proxy = proxy_of("a", state=store)
+    inside = anyio.Event()
+
+    async def first() -> None:
+        async with proxy.lifespan():
+            pass  # leaves at once; the store's teardown then waits for ``release``
+
+    async def second() -> None:
+        async with proxy.lifespan():
+            inside.set()
+            assert proxy.running
+            assert proxy._task_group is not None
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(first)
+            await store.stopping.wait()
+            store.stopping = anyio.Event()
+            group.start_soon(second)
+            await anyio.sleep(0.05)
+            assert not inside.is_set()  # it waits for the teardown
+            store.release.set()
+    assert inside.is_set()
+    assert store.starts == 2
+    assert not proxy.running
