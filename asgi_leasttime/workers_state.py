@@ -51,7 +51,7 @@ import anyio.abc
 import anyio.to_thread
 
 from asgi_leasttime._extras import MissingExtra
-from asgi_leasttime._private_store import server_binary
+from asgi_leasttime._private_store import server_binary, stop_server
 from asgi_leasttime.redis_state import RedisState
 
 __all__ = ["WorkersState"]
@@ -233,15 +233,6 @@ def _start_server(binary: str, place: _Place) -> subprocess.Popen[bytes]:
     )
 
 
-def _stop_server(server: subprocess.Popen[bytes]) -> None:
-    server.terminate()
-    try:
-        server.wait(5)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(5)
-
-
 def keep(place: _Place) -> int:
     """Run the workers' server until no worker is left (or SIGTERM); the keeper's main."""
     stopping = False
@@ -270,7 +261,7 @@ def keep(place: _Place) -> int:
             if _try_lock(users, fcntl.LOCK_EX):  # no worker holds a share
                 with _locked(place.lock, blocking=False) as taken:
                     if taken:  # and none is joining: stop, with joiners kept out
-                        _stop_server(server)
+                        stop_server(server)
                         for path in (place.socket, place.users, place.keeper, place.lock):
                             with contextlib.suppress(FileNotFoundError):
                                 path.unlink()
@@ -279,7 +270,7 @@ def keep(place: _Place) -> int:
             time.sleep(POLL)
     finally:
         if server.poll() is None:
-            _stop_server(server)
+            stop_server(server)
     with contextlib.suppress(FileNotFoundError):
         place.socket.unlink()
     return 0
