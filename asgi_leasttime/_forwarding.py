@@ -417,7 +417,7 @@ class Exchange(ExchangeResult):
         method = self.method
         while True:
             if response is not None:  # a status the policy lists: this attempt's answer
-                self.on_response_seen(response)
+                self._answer_seen(response)
                 if not (method in IDEMPOTENT and self._body_kept()):
                     return response
             elif not may_send_again(
@@ -452,7 +452,7 @@ class Exchange(ExchangeResult):
             if not (self.retry_statuses and response.status_code in self.retry_statuses):
                 return response
 
-    def on_response_seen(self, response: UpstreamResponse) -> None:
+    def _answer_seen(self, response: UpstreamResponse) -> None:
         """An attempt's answer that will not be forwarded still teaches the balancer."""
         if self.on_response is not None:
             self.on_response(response.status_code, time.perf_counter() - self.sent_at)

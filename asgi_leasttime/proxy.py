@@ -182,6 +182,7 @@ class LeastTimeProxy:
         self.balancer = (
             balancer if balancer is not None else Balancer(mode=mode, wants_health_check=True)
         )
+        self._pass_server_header = pass_server_header  # read on every request
         self.request_headers = RequestHeaders(
             pass_host_header=pass_host_header,
             trusted_proxies=trusted_proxies,
@@ -631,7 +632,7 @@ class LeastTimeProxy:
                 headers,
                 set_cookie,
                 lease.answered,
-                self.request_headers.pass_server_header,
+                self._pass_server_header,
                 lease,
                 self._on_failed_attempt,
                 self.retry,

@@ -204,8 +204,6 @@ class RetryCounts:
     """Retries by reason and outcome, for ``/metrics`` and ``/status``: ``retried``, or why not
     (``attempts`` used up, ``budget`` spent, ``no_upstream`` left to try)."""
 
-    OUTCOMES = ("retried", "attempts", "budget", "no_upstream")
-
     def __init__(self) -> None:
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
