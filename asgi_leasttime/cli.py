@@ -8,8 +8,10 @@ import copy
 import dataclasses
 import gc
 import json
+import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ from asgi_leasttime.config import (
     load_config,
     parse_config,
 )
+from asgi_leasttime.metrics import WORKERS_DIR_ENV
 from asgi_leasttime.options import OptionError
 
 __all__ = ["main"]
@@ -43,6 +46,10 @@ def create_app() -> Any:
     """The app each uvicorn worker serves (``uvicorn --factory asgi_leasttime.cli:create_app``)."""
     config = _config_from_environment()
     proxy = config.build_proxy()
+    if os.environ.get(WORKERS_DIR_ENV):  # a worker of serve --workers N with an admin app
+        from asgi_leasttime.metrics import RequestMetrics
+
+        proxy.observe_requests(RequestMetrics(proxy))
     _freeze_heap(config)
     return proxy
 
@@ -142,6 +149,10 @@ def _serve(args: argparse.Namespace) -> int:
             # One state for every worker, out of the box: a private server for this run.
             os.environ[PRIVATE_STATE_ENV] = stack.enter_context(private_store())
         if admin is not None:
+            # The workers count their requests in files the supervisor's admin app adds up:
+            # set before prometheus-client is first imported here or in a worker.
+            counters = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgi-leasttime-"))
+            os.environ[WORKERS_DIR_ENV] = counters
             stack.enter_context(_admin_beside_workers(config, admin, token, args.log_level))
         uvicorn.run("asgi_leasttime.cli:create_app", workers=workers, **options)
     return 0
@@ -153,7 +164,8 @@ def log_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["default"]["fmt"] = "%(asctime)s [%(process)d] %(levelprefix)s %(message)s"
+    for formatter in config["formatters"].values():  # uvicorn's lines and its access lines
+        formatter["fmt"] = "%(asctime)s [%(process)d] " + formatter["fmt"]
     config["loggers"]["asgi_leasttime"] = {
         "handlers": ["default"],
         "level": level.upper(),
@@ -203,16 +215,14 @@ def _serve_with_admin(
 
     import uvicorn
 
-    from asgi_leasttime._serving import QuietServer
+    from asgi_leasttime._serving import SaidOnce
     from asgi_leasttime.metrics import AdminApp
 
     proxy = config.build_proxy()
     options = {**options, "factory": False}
     main = uvicorn.Server(uvicorn.Config(proxy, **options))
-    app = AdminApp(proxy, token=token)
-    server = QuietServer(
-        uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=options["log_level"])
-    )
+    server = _admin_server(AdminApp(proxy, token=token), admin, options["log_level"])
+    logging.getLogger("uvicorn.error").addFilter(SaidOnce("Started server process", "Finished"))
     _freeze_heap(config)
 
     async def both() -> None:
@@ -228,6 +238,25 @@ def _serve_with_admin(
     return 0
 
 
+def _admin_server(app: Any, admin: dict[str, Any], log_level: str) -> Any:
+    """The admin app's uvicorn server: the proxy's server owns the signals and the lifespan,
+    and both log alike (a second uvicorn config would set uvicorn's bare format again)."""
+    import uvicorn
+
+    from asgi_leasttime._serving import QuietServer
+
+    return QuietServer(
+        uvicorn.Config(
+            app,
+            host=admin["host"],
+            port=admin["port"],
+            log_level=log_level,
+            log_config=log_config(log_level),
+            lifespan="off",
+        )
+    )
+
+
 @contextlib.contextmanager
 def _admin_beside_workers(
     config: Config, admin: dict[str, Any], token: str | None, log_level: str
@@ -237,16 +266,10 @@ def _admin_beside_workers(
     import asyncio
     import threading
 
-    import uvicorn
-
-    from asgi_leasttime._serving import QuietServer
     from asgi_leasttime.metrics import AdminApp
 
     proxy = config.build_proxy(relay_only=True)
-    app = AdminApp(proxy, token=token)
-    server = QuietServer(
-        uvicorn.Config(app, host=admin["host"], port=admin["port"], log_level=log_level)
-    )
+    server = _admin_server(AdminApp(proxy, token=token), admin, log_level)
 
     async def serve() -> None:
         async with proxy.lifespan():

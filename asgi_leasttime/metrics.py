@@ -11,6 +11,7 @@ upstream's average TTFB, requests in flight and score. prometheus-client is an o
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 __all__ = ["AdminApp", "RequestMetrics"]
 
 PREFIX = "asgi_leasttime"
+WORKERS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus-client's own switch to its multiprocess mode: where each process writes its
+counters. ``serve --workers N`` sets it for its workers when it serves an admin app."""
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -57,7 +61,11 @@ def _shown_statuses(proxy: LeastTimeProxy, fleet: Fleet | None) -> list[Upstream
 
 
 class RequestMetrics:
-    """Per-request counters of one proxy, in a registry of its own (needs prometheus-client)."""
+    """Per-request counters of one proxy, in a registry of its own (needs prometheus-client).
+
+    Under ``serve --workers N`` each worker keeps them in prometheus-client's multiprocess files
+    (:data:`WORKERS_DIR_ENV` names their directory) and the supervisor's admin app adds them up.
+    """
 
     def __init__(self, proxy: LeastTimeProxy) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -83,9 +91,16 @@ class RequestMetrics:
             ("service",),
             registry=self.registry,
         )
-        self.upstreams = _UpstreamCollector(proxy)
-        self.registry.register(self.upstreams)
+        self.outcomes = Counter(
+            f"{PREFIX}_retries",
+            "Failed attempts by reason (refused, reset, no_response, timeout, status) and what "
+            "came of them (retried, or not: attempts, budget, no_upstream).",
+            ("service", "reason", "outcome"),
+            registry=self.registry,
+        )
         self.service = proxy.name
+        for (reason, outcome), count in proxy.retry_counts.items():  # those before these metrics
+            self.outcomes.labels(self.service, reason, outcome).inc(count)
 
     def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
         """Count one finished request."""
@@ -96,6 +111,21 @@ class RequestMetrics:
     def retried(self, count: int) -> None:
         """Count attempts after the first, sent to another upstream."""
         self.retries.labels(self.service).inc(count)
+
+    def attempt_failed(self, reason: str, outcome: str) -> None:
+        """Count one failed attempt: why it failed and what came of it."""
+        self.outcomes.labels(self.service, reason, outcome).inc()
+
+
+def workers_registry(directory: str) -> Any:
+    """A registry of what every worker counted in ``directory`` (prometheus-client's
+    multiprocess files), for the admin app of a supervisor that serves no traffic itself."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
 
 
 class _UpstreamCollector:
@@ -155,24 +185,8 @@ class _UpstreamCollector:
             requests.add_metric(key, status.requests)
             failures.add_metric(key, status.failures)
         yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures)
-        yield from self._retry_families()
         if self.fleet is not None:
             yield from self._fleet_families(self.fleet)
-
-    def _retry_families(self) -> Iterator[Any]:
-        """Attempts tried again elsewhere, or not and why, by the reason they failed."""
-        from prometheus_client.core import CounterMetricFamily
-
-        service = self.proxy.name
-        retries = CounterMetricFamily(
-            f"{PREFIX}_retries",
-            "Failed attempts by reason (refused, reset, no_response, timeout, status) and what "
-            "came of them (retried, or not: attempts, budget, no_upstream).",
-            labels=("service", "reason", "outcome"),
-        )
-        for (reason, outcome), count in self.proxy.retry_counts.items():
-            retries.add_metric((service, reason, outcome), count)
-        yield retries
 
     def _fleet_families(self, fleet: Fleet) -> Iterator[Any]:
         """Every process sharing the state, added up: one scrape of any of them sees all."""
@@ -210,16 +224,28 @@ class AdminApp:
     ``/upstreams/`` (see :mod:`asgi_leasttime.admin`), which the dashboard's controls call.
 
     Creating it turns on the proxy's per-request counters when prometheus-client is installed.
+    In the supervisor of ``serve --workers N`` (a proxy that :func:`_relays_only`, with
+    :data:`WORKERS_DIR_ENV` set), ``/metrics`` shows the workers' counters instead, added up.
     """
 
     def __init__(self, proxy: LeastTimeProxy, *, token: str | None = None) -> None:
         check_token(token)
         self.proxy = proxy
         self.token = token
+        self.metrics: RequestMetrics | None = None
+        self.registry: Any = None  # what /metrics shows; None without prometheus-client
+        self._upstreams = _UpstreamCollector(proxy)
+        workers = os.environ.get(WORKERS_DIR_ENV)
         try:
-            self.metrics: RequestMetrics | None = RequestMetrics(proxy)
+            if workers and _relays_only(proxy):
+                self.registry = workers_registry(workers)  # the workers count; this one serves none
+            else:
+                self.metrics = RequestMetrics(proxy)
+                self.registry = self.metrics.registry
         except ImportError:
-            self.metrics = None
+            pass
+        else:
+            self.registry.register(self._upstreams)
         proxy.observe_requests(self.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -262,13 +288,13 @@ class AdminApp:
     def render_metrics(self, fleet: Fleet | None = None) -> tuple[int, bytes, bytes]:
         """Status, content type and body of ``/metrics``; with ``fleet``, the figures of every
         process sharing the state too."""
-        if self.metrics is None:
+        if self.registry is None:
             text = b"metrics need prometheus-client: pip install 'asgi-leasttime[metrics]'\n"
             return 501, b"text/plain; charset=utf-8", text
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        self.metrics.upstreams.fleet = fleet
-        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.metrics.registry)
+        self._upstreams.fleet = fleet
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.registry)
 
     def render_status(self, fleet: Fleet | None = None) -> bytes:
         """The body of ``/status``: the proxy and every upstream, as JSON; with ``fleet``, the
@@ -280,7 +306,7 @@ class AdminApp:
             "mode": self.proxy.balancer.mode,
             "up": self.proxy.balancer.up,
             "upstreams": upstreams,
-            "retries": self.proxy.retry_counts.as_json(),
+            "retries": self._retries(),
             "budget": self.proxy.retry_budget_json(),
         }
         if fleet is not None:
@@ -289,3 +315,18 @@ class AdminApp:
             for upstream in upstreams:
                 upstream["fleet"] = totals.get(upstream["name"], {})
         return json.dumps(document).encode()
+
+    def _retries(self) -> dict[str, dict[str, int]]:
+        """``/status``'s retries by reason and outcome: this proxy's, or in a supervisor, the
+        workers' (read from their counters)."""
+        if self.metrics is not None or self.registry is None:
+            return self.proxy.retry_counts.as_json()
+        document: dict[str, dict[str, int]] = {}
+        for family in self.registry.collect():
+            if family.name != f"{PREFIX}_retries":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["service"] == self.proxy.name:
+                    reasons = document.setdefault(sample.labels["reason"], {})
+                    reasons[sample.labels["outcome"]] = int(sample.value)
+        return document

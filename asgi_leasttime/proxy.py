@@ -46,6 +46,10 @@ class RequestObserver(Protocol):
     def retried(self, count: int) -> None:
         """Attempts after the first, made on other upstreams."""
 
+    def attempt_failed(self, reason: str, outcome: str) -> None:
+        """An attempt that failed for ``reason`` (``refused``, ``reset``, ...) and came to
+        ``outcome`` (``retried``, or why not)."""
+
 
 __all__ = ["LeastTimeProxy"]
 
@@ -690,13 +694,13 @@ class LeastTimeProxy:
                     error,
                 )
             self.balancer.refused(server)
-        retry, counts, budget = self.retry, self.retry_counts, self._budget
+        retry, budget = self.retry, self._budget
         if retry is None or budget is None or exchange.retries + 1 >= retry.attempts:
-            counts.count(reason, "attempts")
+            self._attempt_failed(reason, "attempts")
             return False
         if budget.allowed() < 1:  # before bringing back a refused upstream for nothing
             budget.spent += 1
-            counts.count(reason, "budget")
+            self._attempt_failed(reason, "budget")
             _retries_refused.warning(
                 self.name, "retry budget of %r spent: %s failed for good", self.name, reason
             )
@@ -716,7 +720,7 @@ class LeastTimeProxy:
                 other = self.balancer.next_server_except(exclude)
         member = self._by_name.get(other.name) if other is not None else None
         if other is None or member is None:  # (a server put in the balancer by hand)
-            counts.count(reason, "no_upstream")
+            self._attempt_failed(reason, "no_upstream")
             return False
         budget.try_spend()
         lease.release()
@@ -725,8 +729,13 @@ class LeastTimeProxy:
         sticky = self.sticky
         set_cookie = [sticky.set_cookie_header(other.name)] if sticky is not None else None
         exchange.aim(member.opener, other.name, new.answered, set_cookie)
-        counts.count(reason, "retried")
+        self._attempt_failed(reason, "retried")
         return True
+
+    def _attempt_failed(self, reason: str, outcome: str) -> None:
+        self.retry_counts.count(reason, outcome)
+        if self.metrics is not None:
+            self.metrics.attempt_failed(reason, outcome)
 
     def _opener(self, upstream: Upstream) -> Opener:
         """How requests reach an upstream with a URL: made once, when the upstream is added."""

@@ -118,23 +118,35 @@ def test_serve_refuses_command_line_values_as_the_file_does(key: str, value: int
     assert finished.stderr.strip() == f"--{key}: {message.removeprefix(f'server.{key}: ')}"
 
 
-def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("admin", [False, True], ids=["alone", "with-admin"])
+def test_serve_logs_each_status_change_with_level_time_and_process(
+    tmp_path: Path, admin: bool
+) -> None:
+    """Every line (uvicorn's, its access lines, ours) with the time and the process, once: with
+    ``[admin]`` one process runs two uvicorn servers, which must not set uvicorn's bare format
+    again nor say twice that the process started."""
     dead = free_port()
+    admin_port = free_port()
     config = tmp_path / "lb.toml"
     config.write_text(
         f'[[upstreams]]\nurl = "http://127.0.0.1:{dead}"\nname = "late"\n'
         '[health_check]\npath = "/health"\ninterval = 0.2\ntimeout = 0.5\n'
+        + (f"[admin]\nport = {admin_port}\n" if admin else "")
     )
     port = free_port()
     command = [sys.executable, "-m", "asgi_leasttime.cli", "serve", str(config)]
     process = subprocess.Popen(
-        [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+        [*command, "--port", str(port)],
+        stdout=subprocess.PIPE,  # uvicorn's access lines
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
     )
     lines: list[str] = []
 
     def read() -> None:
-        assert process.stderr is not None
-        lines.extend(iter(process.stderr.readline, ""))
+        assert process.stdout is not None
+        lines.extend(iter(process.stdout.readline, ""))
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -146,6 +158,10 @@ def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Pat
         with running_in_thread(UpstreamApp("late"), port=dead):
             while not any("up again" in line for line in lines) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=5).raise_for_status()
+            if admin:
+                httpx.get(f"http://127.0.0.1:{admin_port}/status", timeout=5).raise_for_status()
+            time.sleep(0.2)  # the access lines
             process.send_signal(signal.SIGINT)  # before the upstream goes away again
             process.wait(15)
     finally:
@@ -158,6 +174,13 @@ def test_serve_logs_each_status_change_with_level_time_and_process(tmp_path: Pat
     assert (" WARNING: " in down[0], f"[{process.pid}]" in down[0]) == (True, True)
     assert (" INFO: " in up[0], f"[{process.pid}]" in up[0]) == (True, True)
     assert down[0][:4].isdigit()  # the time comes first
+    for line in lines:
+        assert line[:4].isdigit(), line
+        assert f" [{process.pid}] " in line, line
+    assert sum('"GET / HTTP/1.1" 200' in line for line in lines) == 1, lines
+    assert sum('"GET /status HTTP/1.1" 200' in line for line in lines) == int(admin), lines
+    for said in ("Started server process", "Finished server process", "Application startup"):
+        assert sum(said in line for line in lines) == 1, (said, lines)
 
 
 def raw_request(port: int, request: bytes) -> bytes:

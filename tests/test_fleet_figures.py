@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,11 +133,15 @@ def test_serve_with_workers_shows_the_workers_figures(tmp_path: Path) -> None:
             assert process.wait(20) == 0
     assert status["processes"] == 2
     assert sum(u["requests"] for u in status["upstreams"]) == 60
-    found = {
-        (sample.name, sample.labels.get("server")): sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-    }
+    samples = [s for family in text_string_to_metric_families(metrics) for s in family.samples]
+    found = {(sample.name, sample.labels.get("server")): sample.value for sample in samples}
+    # The per-request counters the workers keep, added up by the supervisor.
+    answered = [s for s in samples if s.name == "asgi_leasttime_service_requests_total"]
+    assert [(s.labels["code"], s.labels["method"], s.value) for s in answered] == [
+        ("200", "GET", 60.0)
+    ]
+    durations = "asgi_leasttime_service_request_duration_seconds_count"
+    assert sum(s.value for s in samples if s.name == durations) == 60
     for upstream in status["upstreams"]:
         name = upstream["name"]
         assert upstream["requests"] > 0, upstream
@@ -147,3 +154,41 @@ def test_serve_with_workers_shows_the_workers_figures(tmp_path: Path) -> None:
         assert found["asgi_leasttime_server_average_ttfb_seconds", name] == pytest.approx(
             upstream["average_ttfb"]
         )
+
+
+WORKER_AND_SUPERVISOR = """
+import json, sys
+from asgi_leasttime import LeastTimeProxy, Upstream
+from asgi_leasttime.metrics import AdminApp, RequestMetrics
+from asgi_leasttime.redis_state import RedisState
+
+def proxy(report_every):
+    upstreams = [Upstream("http://127.0.0.1:1", name="a")]
+    return LeastTimeProxy(upstreams=upstreams, state=RedisState("redis://127.0.0.1:1",
+                          report_every=report_every))
+
+worker = RequestMetrics(proxy(1.0))  # what a worker of serve --workers N counts
+worker.observe("GET", 200, "http", 0.01)
+worker.attempt_failed("refused", "retried")
+worker.attempt_failed("refused", "retried")
+worker.attempt_failed("timeout", "budget")
+supervisor = AdminApp(proxy(None))
+status, _, body = supervisor.render_metrics()
+print(json.dumps([status, body.decode(), json.loads(supervisor.render_status())["retries"]]))
+"""
+
+
+def test_the_supervisor_adds_up_the_workers_counters(tmp_path: Path) -> None:
+    """prometheus-client's multiprocess files: what a worker counts, the supervisor's /metrics
+    and /status show (run apart: the mode is chosen when prometheus-client is imported)."""
+    pytest.importorskip("prometheus_client")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    run = [sys.executable, "-c", WORKER_AND_SUPERVISOR]
+    finished = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    status, metrics, retries = json.loads(finished.stdout)
+    assert status == 200
+    assert 'asgi_leasttime_service_requests_total{code="200",method="GET"' in metrics
+    assert 'asgi_leasttime_retries_total{outcome="retried",reason="refused"' in metrics
+    assert 'asgi_leasttime_server_requests_total{server="a"' in metrics  # the fleet's, as before
+    assert retries == {"refused": {"retried": 2}, "timeout": {"budget": 1}}
