@@ -19,21 +19,28 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI_EXTRA = "needs the cli extra: pip install 'asgi-leasttime[cli]'"
 
 
+def fresh_venv(folder: Path, extras: str = "") -> Path:
+    """The ``bin`` folder of a new virtualenv in ``folder`` holding the package with ``extras``
+    (``"[cli]"``; none by default) and their dependencies only (tests/test_newcomer.py's too)."""
+    venv, wheels = folder / "venv", folder / "wheels"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    # The package's own dependencies (pyproject's, with the extras asked for) and its build
+    # backend, as wheels; the install then takes nothing else: no other dependency can slip in.
+    package = f"{ROOT}{extras}"
+    download = [*pip, "download", "--dest", str(wheels), package, "hatchling"]
+    install = [*pip, "install", "--no-index", "--find-links", str(wheels), package]
+    for command in (download, install):
+        finished = subprocess.run(command, timeout=300, capture_output=True, text=True, check=False)
+        assert finished.returncode == 0, finished.stderr
+    return venv / "bin"
+
+
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``bin`` folder of a plain virtualenv holding the package and its core dependencies
     only."""
-    folder = tmp_path_factory.mktemp("bare")
-    venv, wheels = folder / "venv", folder / "wheels"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    # The package's own dependencies (pyproject's, no extra) and its build backend, as wheels;
-    # the install then takes nothing else: an optional dependency cannot slip in.
-    download = [*pip, "download", "--dest", str(wheels), str(ROOT), "hatchling"]
-    subprocess.run(download, check=True, timeout=300, capture_output=True)
-    install = [*pip, "install", "--no-index", "--find-links", str(wheels), str(ROOT)]
-    subprocess.run(install, check=True, timeout=300, capture_output=True)
-    return venv / "bin"
+    return fresh_venv(tmp_path_factory.mktemp("bare"))
 
 
 def run(bare: Path, *command: str) -> subprocess.CompletedProcess[str]:
