@@ -1,6 +1,7 @@
 """Traefik's least-time load balancer for ASGI applications."""
 
 from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer, Server, UnknownServer
+from asgi_leasttime.discovery import DnsResolver
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.middleware import LeastTimeMiddleware
 from asgi_leasttime.proxy import LeastTimeProxy
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Balancer",
+    "DnsResolver",
     "HealthCheck",
     "Lease",
     "LeastTimeMiddleware",

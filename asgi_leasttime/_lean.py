@@ -581,7 +581,7 @@ class LeanClient:
         self.timeout = timeout
         self.limits = limits
         self.tls = tls if tls is not None else UpstreamTLS()  # for https (asyncio's own TLS)
-        self._pools: dict[tuple[str, int, bool], _Pool] = {}
+        self._pools: dict[tuple[str, int, bool, str | None], _Pool] = {}
         self._deadlines = _read_deadlines(timeout.read)
 
     async def send(
@@ -593,14 +593,16 @@ class LeanClient:
         headers: Headers,
         body: AsyncIterator[bytes] | None,
         https: bool = False,
+        address: str | None = None,
     ) -> LeanResponse:
-        """Send one request (over TLS if ``https``); raises the proxy's
-        :mod:`~asgi_leasttime.errors` for what goes wrong."""
-        pool = self._pools.get((host, port, https))
+        """Send one request (over TLS if ``https``, to ``address`` if given, else to ``host``
+        resolved); raises the proxy's :mod:`~asgi_leasttime.errors` for what goes wrong."""
+        pool = self._pools.get((host, port, https, address))
         if pool is None:
             context = self.tls.context if https else None
-            pool = _Pool(host, port, self.limits, context, self.tls.server_name)
-            self._pools[(host, port, https)] = pool
+            server_name = self.tls.server_name or host  # the name, not the address it has
+            pool = _Pool(address or host, port, self.limits, context, server_name)
+            self._pools[(host, port, https, address)] = pool
         unsafe = body is not None and method not in IDEMPOTENT
         connection = pool.take_idle(unsafe) or await pool.connect(self.timeout, unsafe)
         shown_port = pool.shown_port
@@ -665,16 +667,18 @@ class LeanClient:
         if chunked:
             await connection.write(b"0\r\n\r\n", seconds)
 
-    def close_idle(self, host: str, port: int, https: bool = False) -> None:
+    def close_idle(
+        self, host: str, port: int, https: bool = False, address: str | None = None
+    ) -> None:
         """Close an origin's idle connections (its upstream was fenced: it drains)."""
-        pool = self._pools.get((host, port, https))
+        pool = self._pools.get((host, port, https, address))
         if pool is not None:
             pool.close()
 
-    def retire(self, host: str, port: int, https: bool = False) -> None:
+    def retire(self, host: str, port: int, https: bool = False, address: str | None = None) -> None:
         """Close an origin's idle connections and forget its pool (its upstream left the
         proxy); the connections still in use close when their responses end."""
-        pool = self._pools.pop((host, port, https), None)
+        pool = self._pools.pop((host, port, https, address), None)
         if pool is not None:
             pool.retired = True
             pool.close()

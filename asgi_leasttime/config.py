@@ -35,6 +35,7 @@ from asgi_leasttime._headers import RequestHeaders
 from asgi_leasttime.admin import check_token
 from asgi_leasttime.balancer import Balancer
 from asgi_leasttime.client import limits, timeouts
+from asgi_leasttime.discovery import DnsResolver
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
 from asgi_leasttime.options import OptionError, check_fields, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
@@ -272,6 +273,7 @@ TABLES: dict[str, Table] = {
     "passive_health_check": Table((Part(PassiveHealthCheck),)),
     "tls": Table((Part(UpstreamTLS),)),
     "retry": Table((Part(Retry),)),
+    "dns": Table((Part(DnsResolver),)),
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
@@ -371,6 +373,7 @@ class Config:
             health_check=health,
             passive_health_check=passive,
             retry=Retry(**self.section("retry")),
+            dns=DnsResolver(**self.section("dns")),
         )
 
     def state_store(self, environ: Mapping[str, str] | None = None) -> StateStore | None:

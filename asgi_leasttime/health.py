@@ -89,14 +89,21 @@ class HealthCheck:
 
 
 async def probe(
-    check: HealthCheck, client: httpx.AsyncClient, url: httpx.URL, server_name: str | None = None
+    check: HealthCheck,
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    server_name: str | None = None,
+    host: str | None = None,
 ) -> bool:
     """One probe: healthy or not. Never raises for what the upstream does. ``server_name``:
-    the TLS name to send and check instead of the URL's host."""
+    the TLS name to send and check instead of the URL's host; ``host``: the ``Host`` header
+    instead of the URL's (an upstream reached at an address), unless the check names one."""
     headers = dict(check.headers)
     extensions = {"sni_hostname": server_name} if server_name else None
     if check.hostname is not None:
         headers["host"] = check.hostname
+    elif host is not None:
+        headers["host"] = host
     with anyio.move_on_after(check.timeout):
         try:
             response = await client.request(
@@ -146,13 +153,18 @@ async def watch_upstream(
     result (``state.may_probe``); the others wait and follow."""
     assert upstream.url is not None
     url = check.url_for(upstream.url)
+    host = None
+    if upstream.address is not None:  # this server, under the name it answers to
+        host = url.netloc.decode("ascii")
+        server_name = server_name or upstream.host
+        url = url.copy_with(host=upstream.address)
     unhealthy_interval = check.unhealthy_interval or check.interval
     longest = max(check.interval, unhealthy_interval)
     while True:
         healthy = True
         if await state.may_probe(upstream.name, longest):
             try:
-                healthy = await probe(check, client(), url, server_name)
+                healthy = await probe(check, client(), url, server_name, host)
             except Exception:
                 # A fault of ours or of the client library: this upstream counts as unhealthy
                 # and the task goes on, since ending it would end every upstream's checks.

@@ -21,6 +21,7 @@ from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
+from asgi_leasttime.discovery import Discovery, DnsResolver
 from asgi_leasttime.errors import NotConnected, UpstreamError
 from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
 from asgi_leasttime.options import OptionError, check_instance
@@ -126,6 +127,9 @@ class LeastTimeProxy:
             ``--no-server-header --no-date-header``). Off (the default), the upstream's are
             dropped and the server in front sends its own, as NGINX does: one of each either
             way (see :mod:`asgi_leasttime._headers`).
+        dns: how the upstreams given with ``resolve=True`` are resolved
+            (:class:`~asgi_leasttime.discovery.DnsResolver`; by default the system's resolver,
+            every 5 s). Their addresses are looked up when the lifespan starts.
     """
 
     def __init__(
@@ -151,6 +155,7 @@ class LeastTimeProxy:
         tls: UpstreamTLS | None = None,
         retry: Retry | None = DEFAULT_RETRY,
         pass_server_header: bool = False,
+        dns: DnsResolver | None = None,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -168,6 +173,7 @@ class LeastTimeProxy:
             ("state", state, StateStore),
             ("tls", tls, UpstreamTLS),
             ("retry", retry, Retry),
+            ("dns", dns, DnsResolver),
             ("client", client, httpx.AsyncClient),
             ("transport", transport, httpx.AsyncBaseTransport),
         ):
@@ -230,8 +236,10 @@ class LeastTimeProxy:
             self._lean = LeanClient(timeout=timeout, limits=limits, tls=self.tls)
         if client is not None:
             forget_cookies(client)
+        self.dns = dns if dns is not None else DnsResolver()
+        self._discovery = Discovery(self._members, self.dns)
         for upstream in upstreams:
-            self._members.add(Upstream(upstream) if isinstance(upstream, str) else upstream)
+            self._add_configured(Upstream(upstream) if isinstance(upstream, str) else upstream)
 
     # -- upstreams and status ---------------------------------------------------------------------
 
@@ -240,6 +248,12 @@ class LeastTimeProxy:
         """Every upstream by name, in the order they were added (a copy: change them through
         the methods below)."""
         return self._members.upstreams()
+
+    @property
+    def dns_names(self) -> dict[str, Upstream]:
+        """The upstreams given with ``resolve=True``, by name: each stands for the upstreams
+        its host resolves to (a copy)."""
+        return {name: group.template for name, group in self._discovery.groups.items()}
 
     @property
     def members(self) -> UpstreamSet:
@@ -251,7 +265,7 @@ class LeastTimeProxy:
         is added in every process sharing this proxy's state store."""
         if isinstance(upstream, str):
             upstream = Upstream(upstream)
-        self._members.add(upstream)
+        self._members.add(upstream, origin="api")
         if upstream.url is not None:
             self.state.share(
                 Change(
@@ -262,6 +276,55 @@ class LeastTimeProxy:
                 )
             )
         return upstream
+
+    def _add_configured(self, upstream: Upstream) -> None:
+        """An upstream of the options or the file: a server, or a name to resolve."""
+        if not upstream.resolve:
+            self._members.add(upstream)
+            return
+        if self._lean is None:
+            raise OptionError(
+                "resolve",
+                "needs the proxy's own upstream client (upstream_client='lean', no client or "
+                "transport given)",
+            )
+        self._discovery.add(upstream)
+
+    def reconcile_upstreams(self, upstreams: Sequence[Upstream]) -> None:
+        """Make the configured upstreams these (a reloaded file): the new ones join cold, the
+        ones gone leave (their requests in flight finish), weights and fences follow, and one
+        whose URL or address changed starts afresh. Upstreams added through the API stay.
+        Nothing is shared through the state store: every process applies its own file."""
+        wanted = {upstream.name: upstream for upstream in upstreams}
+        discovery, members = self._discovery, self._members
+        for name in tuple(discovery.groups):
+            if name not in wanted or not wanted[name].resolve:
+                discovery.remove(name)
+        for member in members:
+            if member.origin == "config" and (
+                member.name not in wanted or wanted[member.name].resolve
+            ):
+                members.remove(member.name)
+        for name, upstream in wanted.items():
+            held = members.get(name)
+            if upstream.resolve:
+                if name in discovery.groups:
+                    discovery.update(upstream)
+                else:
+                    self._add_configured(upstream)
+            elif held is None:
+                self._add_configured(upstream)
+            elif (str(held.upstream.url), held.upstream.address) != (
+                str(upstream.url),
+                upstream.address,
+            ) or held.upstream.app is not upstream.app:
+                members.remove(name)
+                self._add_configured(upstream)
+            else:
+                held.origin = "config"  # the file names it now
+                was = held.upstream
+                if (was.weight, was.fenced) != (upstream.weight, upstream.fenced):
+                    members.apply(Change(name, weight=upstream.weight, fenced=upstream.fenced))
 
     def remove_upstream(self, name: str) -> None:
         """Remove an upstream and everything the proxy keeps for it: its health checks stop
@@ -329,13 +392,16 @@ class LeastTimeProxy:
         upstream = member.upstream
         if upstream.url is None:
             return
-        origin = (upstream.url.scheme, upstream.host, upstream.port)
+        origin = (upstream.url.scheme, upstream.host, upstream.port, upstream.address)
         for other in self._members:
-            url = other.upstream.url
-            if url is not None and (url.scheme, other.upstream.host, other.upstream.port) == origin:
+            held = other.upstream
+            if held.url is not None and (held.url.scheme, held.host, held.port, held.address) == (
+                origin
+            ):
                 return
         if self._lean is not None:
-            self._lean.retire(upstream.host, upstream.port, upstream.url.scheme == "https")
+            https = upstream.url.scheme == "https"
+            self._lean.retire(upstream.host, upstream.port, https, upstream.address)
         if self._client is not None:
             transport = getattr(self._client, "_transport", None)
             retire = getattr(transport, "retire", None)
@@ -346,7 +412,8 @@ class LeastTimeProxy:
         """A fenced upstream gets no new picks: its idle pooled connections close now."""
         upstream = member.upstream
         if self._lean is not None and upstream.url is not None:
-            self._lean.close_idle(upstream.host, upstream.port, upstream.url.scheme == "https")
+            https = upstream.url.scheme == "https"
+            self._lean.close_idle(upstream.host, upstream.port, https, upstream.address)
 
     def _stop_watching(self) -> None:
         """Stop every health check of this proxy and of the proxies nested in it."""
@@ -461,6 +528,10 @@ class LeastTimeProxy:
             stack.callback(self._stopped)
             for member in self._members:
                 self._watch(member, task_group)
+            discovery = self._discovery
+            if discovery:  # the names' first addresses before the first request
+                await discovery.resolve_all()
+                task_group.start_soon(keep_running, "DNS discovery", discovery.run, logger)
             if self.freeze_gc:
                 gc.collect()  # garbage left from start-up is freed, not frozen
                 gc.freeze()
@@ -743,15 +814,21 @@ class LeastTimeProxy:
         lean = self._lean
         if lean is not None:
             host, port, base_path = upstream.host, upstream.port, upstream.base_path
-            https = upstream.url.scheme == "https"
+            https, address = upstream.url.scheme == "https", upstream.address
             send = lean.send
 
             def open_upstream(
                 method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
             ) -> Coroutine[Any, Any, LeanResponse]:
-                return send(method, host, port, base_path + target, headers, body, https)
+                return send(method, host, port, base_path + target, headers, body, https, address)
 
             return open_upstream
+        if upstream.address is not None or upstream.resolve:
+            raise OptionError(
+                "resolve" if upstream.resolve else "address",
+                "needs the proxy's own upstream client (upstream_client='lean', no client or "
+                "transport given)",
+            )
         return httpx_opener(lambda: self.client, upstream.target_url)
 
     async def _forward_in_process(

@@ -29,6 +29,14 @@ class UpstreamStatus:
     score: float
     requests: int
     failures: int
+    origin: str = "config"
+    """Where the upstream came from: ``config`` (the proxy's options or the file), ``api``
+    (added while running, here or by a process sharing the state) or ``dns`` (an address
+    its name resolved to)."""
+    since: float = 0.0
+    """When it joined the proxy (seconds since the epoch)."""
+    address: str | None = None
+    """The IP address it is reached at, when one is set (a DNS upstream's)."""
 
     def as_json(self) -> dict[str, Any]:
         """As ``/status`` shows it (JSON has no infinity: a cold upstream's score, while its
@@ -53,8 +61,16 @@ class UpstreamStatus:
         )
 
     @classmethod
-    def of(cls, upstream: Upstream, server: Server, now: float) -> UpstreamStatus:
-        """The snapshot of an upstream and its balancer server at ``now`` (balancer clock)."""
+    def of(
+        cls,
+        upstream: Upstream,
+        server: Server,
+        now: float,
+        origin: str = "config",
+        since: float = 0.0,
+    ) -> UpstreamStatus:
+        """The snapshot of an upstream and its balancer server at ``now`` (balancer clock);
+        ``origin`` and ``since``: where and when it joined."""
         return cls(
             name=upstream.name,
             url=str(upstream.url) if upstream.url is not None else None,
@@ -67,4 +83,7 @@ class UpstreamStatus:
             score=server.score,
             requests=server.requests,
             failures=server.failures,
+            origin=origin,
+            since=since,
+            address=upstream.address,
         )

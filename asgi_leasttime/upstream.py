@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
@@ -9,7 +10,7 @@ import httpx
 
 from asgi_leasttime.options import OptionError, check_not_negative
 
-__all__ = ["NO_UPSTREAMS", "Upstream", "check_url", "upstream_list"]
+__all__ = ["NO_UPSTREAMS", "Upstream", "check_address", "check_url", "upstream_list"]
 
 NO_UPSTREAMS = "at least one upstream is required"
 """Why an empty list of upstreams is refused: the same words in Python and in the file."""
@@ -27,9 +28,28 @@ class Upstream:
         weight: share at equal speed; 0 leaves the upstream out of the picks, as in Traefik
             (it stays known, and a weight given later brings it in).
         fenced: draining: no new picks, sticky clients still served.
+        resolve: the URL's host is a DNS name for several servers (a Kubernetes headless
+            Service, a Compose service scaled up): every address it resolves to becomes an
+            upstream of its own, named ``host:port@address`` (``name@address`` given a name),
+            re-resolved as the proxy's :class:`~asgi_leasttime.discovery.DnsResolver` says
+            (Envoy's ``STRICT_DNS``). Needs the proxy's own upstream client.
+        address: the IP address to connect to; the URL's host stays the ``Host`` header (when
+            the client's is not passed) and the TLS server name. ``None``: the host is resolved
+            at each new connection.
     """
 
-    __slots__ = ("app", "base_path", "fenced", "host", "name", "port", "url", "weight")
+    __slots__ = (
+        "address",
+        "app",
+        "base_path",
+        "fenced",
+        "host",
+        "name",
+        "port",
+        "resolve",
+        "url",
+        "weight",
+    )
 
     def __init__(
         self,
@@ -39,6 +59,8 @@ class Upstream:
         name: str | None = None,
         weight: float = 1,
         fenced: bool = False,
+        resolve: bool = False,
+        address: str | None = None,
     ) -> None:
         if (url is None) == (app is None):
             raise OptionError(
@@ -47,6 +69,12 @@ class Upstream:
         if app is not None and not name:
             raise OptionError("name", "an in-process Upstream(app=...) needs a name")
         check_not_negative("weight", weight)
+        if resolve and address is not None:
+            raise OptionError("resolve", "an Upstream resolved by DNS takes no address")
+        if (resolve or address is not None) and url is None:
+            raise OptionError("resolve" if resolve else "address", "needs a url")
+        if address is not None:
+            check_address(address)
         self.app = app
         self.url: httpx.URL | None = None
         self.base_path = b""
@@ -61,6 +89,8 @@ class Upstream:
         self.name: str = name or str(url)
         self.weight = weight
         self.fenced = fenced
+        self.resolve = resolve
+        self.address = address
 
     def __repr__(self) -> str:
         where = f"app={self.app!r}" if self.app is not None else repr(str(self.url))
@@ -92,6 +122,14 @@ def upstream_list(upstreams: Iterable[str | Upstream]) -> list[str | Upstream]:
                 f"upstreams[{index}]", f"must be a URL or an Upstream, not {upstream!r}"
             )
     return listed
+
+
+def check_address(address: str) -> None:
+    """Raise :class:`~asgi_leasttime.options.OptionError` unless ``address`` is an IP address."""
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise OptionError("address", f"{address!r} is not an IP address") from None
 
 
 def check_url(url: str) -> None:

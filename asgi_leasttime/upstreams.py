@@ -14,6 +14,7 @@ removing an upstream leaves nothing behind.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -35,14 +36,21 @@ class Member:
         "child_link",
         "manual_down",
         "opener",
+        "origin",
         "server",
+        "since",
         "sticky_id",
         "upstream",
         "watcher",
     )
 
-    def __init__(self, upstream: Upstream, server: Server | None, opener: Any) -> None:
+    def __init__(
+        self, upstream: Upstream, server: Server | None, opener: Any, origin: str = "config"
+    ) -> None:
         self.upstream = upstream
+        self.origin = origin
+        """Where it came from: ``config``, ``api`` or ``dns`` (see :class:`UpstreamStatus`)."""
+        self.since = time.time()
         self.server = server
         """The balancer's server; ``None`` while a weight of 0 leaves the upstream out."""
         self.opener = opener
@@ -121,7 +129,7 @@ class UpstreamSet:
         """Every upstream in the picks, with its status and statistics, in the order added."""
         now = self.balancer.clock()
         return [
-            UpstreamStatus.of(member.upstream, member.server, now)
+            UpstreamStatus.of(member.upstream, member.server, now, member.origin, member.since)
             for member in self._members.values()
             if member.server is not None
         ]
@@ -135,8 +143,9 @@ class UpstreamSet:
 
     # -- membership -------------------------------------------------------------------------------
 
-    def add(self, upstream: Upstream) -> Member:
-        """Add an upstream, up and cold (left out of the picks with a weight of 0)."""
+    def add(self, upstream: Upstream, origin: str = "config") -> Member:
+        """Add an upstream, up and cold (left out of the picks with a weight of 0); ``origin``
+        says where it came from (``config``, ``api`` or ``dns``)."""
         name = upstream.name
         if name in self._members:
             raise ValueError(f"an upstream named {name!r} is already in this proxy")
@@ -145,7 +154,7 @@ class UpstreamSet:
         server = None
         if upstream.weight > 0:
             server = self.balancer.add(name, weight=upstream.weight, fenced=upstream.fenced)
-        member = self._members[name] = Member(upstream, server, opener)
+        member = self._members[name] = Member(upstream, server, opener, origin)
         self.by_sticky_id[member.sticky_id] = member
         if upstream.app is not None:
             self.in_process.add(name)
@@ -189,7 +198,8 @@ class UpstreamSet:
                 member = None
             if member is None:
                 weight, fenced = fields.get("weight", 1), fields.get("fenced", False)
-                member = self.add(Upstream(url, name=name, weight=weight, fenced=fenced))
+                upstream = Upstream(url, name=name, weight=weight, fenced=fenced)
+                member = self.add(upstream, origin="api")
         elif member is None:
             raise UnknownServer(name)
         if "weight" in fields:

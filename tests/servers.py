@@ -348,11 +348,14 @@ class UpstreamApp:
 
 
 @contextlib.contextmanager
-def running_in_thread(app: Any, port: int = 0, **options: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread of its own, for synchronous tests (hypothesis)."""
+def running_in_thread(
+    app: Any, port: int = 0, host: str = "127.0.0.1", **options: Any
+) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread of its own, for synchronous tests (hypothesis);
+    ``host``: another loopback address (127.0.0.2, ...) for several servers on one port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     options.setdefault("log_level", "warning")
     options.setdefault("proxy_headers", False)
@@ -365,7 +368,7 @@ def running_in_thread(app: Any, port: int = 0, **options: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start in 5 s")
         time.sleep(0.005)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(10)

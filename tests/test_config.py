@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from asgi_leasttime import HealthCheck, LeastTimeProxy, PassiveHealthCheck, StickyCookie, Upstream
+from asgi_leasttime import DnsResolver, HealthCheck, LeastTimeProxy, PassiveHealthCheck, StickyCookie, Upstream
 from asgi_leasttime.cli import main
 from asgi_leasttime.client import limits, timeouts
 from asgi_leasttime.config import (
@@ -273,6 +273,12 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("retry", "retry_on_status"): [502, 503],
     ("retry", "per_try_timeout"): 1.5,
     ("retry", "max_body"): 1024,
+    ("upstream", "resolve"): True,
+    ("upstream", "address"): "10.0.0.7",
+    ("dns", "nameservers"): ["127.0.0.1:5353", "[::1]"],
+    ("dns", "resolve_every"): 7.5,
+    ("dns", "min_resolve_every"): 2.0,
+    ("dns", "timeout"): 1.5,
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -309,6 +315,9 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("retry", "retry_on_status"): [404],
     ("retry", "per_try_timeout"): 0,
     ("retry", "max_body"): -1,
+    ("upstream", "address"): "api.internal",
+    ("dns", "nameservers"): ["dns.internal"],
+    ("dns", "resolve_every"): 0,
 }
 
 
@@ -340,6 +349,7 @@ def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "admin": AdminOptions,
         "tls": UpstreamTLS,
         "retry": Retry,
+        "dns": DnsResolver,
     }
     return constructors[table](**options)
 
@@ -368,7 +378,7 @@ def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
     if table == "balancer":
         return proxy.balancer if key == "mode" else proxy.request_headers
     views: dict[str, Any] = {
-        "upstream": lambda: next(iter(proxy.upstreams.values())),
+        "upstream": lambda: next(iter({**proxy.upstreams, **proxy.dns_names}.values())),
         "sticky": lambda: proxy.sticky,
         "health_check": lambda: proxy.health_check,
         "passive_health_check": lambda: proxy.passive_health_check,
@@ -378,6 +388,7 @@ def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "state": lambda: proxy.state,
         "tls": lambda: proxy.tls,
         "retry": lambda: proxy.retry,
+        "dns": lambda: proxy.dns,
     }
     return views[table]()
 

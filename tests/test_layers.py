@@ -22,8 +22,9 @@ LAYERS: list[set[str]] = [
     # Health, state and transport: each knows the core, none knows the proxy.
     {"health", "state", "redis_state", "workers_state", "client", "_lean", "_httpx",
      "_websocket"},
-    # The one owner of a proxy's upstreams.
+    # The one owner of a proxy's upstreams, and what keeps DNS names' addresses in it.
     {"upstreams"},
+    {"discovery"},
     # One exchange with an upstream.
     {"_forwarding"},
     # The ASGI apps.

@@ -138,7 +138,7 @@ async def test_closing_the_client_closes_the_connections_still_carrying_an_answe
         client = lean.LeanClient(timeout=httpx.Timeout(5))
         host, port = url.removeprefix("http://").split(":")
         response = await client.send("GET", host, int(port), b"/", [], None)
-        pool = client._pools[(host, int(port), False)]
+        pool = client._pools[(host, int(port), False, None)]
         await client.aclose()
         while (await response.next_chunk())[1]:
             pass

@@ -15,7 +15,7 @@ PUBLIC_MODULES = {
     "admin", "balancer", "cli", "client", "config", "dashboard", "demo", "health", "lease",
     "metrics", "middleware",
     "options", "proxy", "redis_state", "state", "status", "sticky", "tls", "types", "upstream",
-    "upstreams", "errors", "retry", "workers_state",
+    "upstreams", "errors", "retry", "workers_state", "discovery",
 }  # fmt: skip
 
 

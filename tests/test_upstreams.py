@@ -144,7 +144,7 @@ async def test_removing_an_upstream_leaves_nothing_behind() -> None:
             watcher = member.watcher
             assert watcher is not None
             assert proxy._lean is not None
-            pool_key = ("127.0.0.1", proxy.upstreams["a"].port, False)
+            pool_key = ("127.0.0.1", proxy.upstreams["a"].port, False, None)
             assert proxy._lean._pools[pool_key].idle  # the connection kept alive
             idle = [connection for _, connection in proxy._lean._pools[pool_key].idle]
 
