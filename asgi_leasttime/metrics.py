@@ -172,7 +172,13 @@ class _UpstreamCollector:
             "Seconds a source (manual, active, passive, parent) has said the upstream is down.",
             labels=(*labels, "source"),
         )
+        joined = GaugeMetricFamily(
+            f"{PREFIX}_server_joined_timestamp_seconds",
+            "When the upstream joined the proxy, and where from (config, api, dns).",
+            labels=(*labels, "origin"),
+        )
         for status in _shown_statuses(self.proxy, self.fleet):
+            joined.add_metric((service, status.name, status.origin), status.since)
             for source, seconds in status.down.items():
                 down.add_metric((service, status.name, source), seconds)
             up.add_metric((service, status.url or status.name), 1.0 if status.up else 0.0)
@@ -184,7 +190,7 @@ class _UpstreamCollector:
             weight.add_metric(key, status.weight)
             requests.add_metric(key, status.requests)
             failures.add_metric(key, status.failures)
-        yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures)
+        yield from (up, down, ttfb, inflight, score, fenced, weight, requests, failures, joined)
         if self.fleet is not None:
             yield from self._fleet_families(self.fleet)
 

@@ -108,6 +108,7 @@ def test_the_page_shows_every_upstream_and_follows_the_traffic(site: Site, page:
     for name in ("a", "b", "c"):
         expect(row(page, name).locator(".status")).to_have_text("▲ up")  # type: ignore[attr-defined]
     expect(page.locator("#summary")).to_contain_text("3 of 3 upstreams take new requests")
+    expect(row(page, "a").locator("th .why")).to_contain_text("configured, since")  # type: ignore[attr-defined]
     site.send(30)
     total = page.locator('tr[data-upstream] td[data-label="Requests"]')
     expect(total.first).not_to_have_text("0", timeout=3000)

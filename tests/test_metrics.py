@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -97,12 +98,21 @@ async def test_metrics_and_status() -> None:
         if name == "asgi_leasttime_server_down_seconds"
     }
     assert down == {("b", "manual")}
+    joined = {
+        (dict(labels)["server"], dict(labels)["origin"]): value
+        for (name, labels), value in found.items()
+        if name == "asgi_leasttime_server_joined_timestamp_seconds"
+    }
+    assert set(joined) == {("a", "config"), ("b", "config")}
+    assert all(abs(value - time.time()) < 60 for value in joined.values())
     document = json.loads(status.text)
     assert document["service"] == "shop"
     assert [u["name"] for u in document["upstreams"]] == ["a", "b"]
     assert document["upstreams"][1]["up"] is False
     assert list(document["upstreams"][1]["down"]) == ["manual"]
     assert document["upstreams"][0]["down"] == {}
+    assert document["upstreams"][0]["origin"] == "config"
+    assert document["upstreams"][0]["address"] is None
     assert missing.status_code == 404
 
 
