@@ -23,7 +23,7 @@ from asgi_leasttime._paths import path_below_root, raw_below
 from asgi_leasttime._sweeper import Sweeper
 from asgi_leasttime.errors import NoResponse, RequestRefused, ResponseBroken, UpstreamError
 from asgi_leasttime.retry import IDEMPOTENT, Retry, may_send_again
-from asgi_leasttime.types import Headers, Opener, Receive, Scope, Send, UpstreamResponse
+from asgi_leasttime.types import Headers, Message, Opener, Receive, Scope, Send, UpstreamResponse
 
 __all__ = [
     "Again",
@@ -104,13 +104,19 @@ def _has_dot_segment(raw_path: bytes) -> bool:
     return any(segment in (b".", b"..") for segment in path.split(b"/"))
 
 
-def _has_body(headers: Headers) -> bool:
-    for name, value in headers:
+def _has_body(scope: Scope) -> bool | None:
+    """Whether the request has a body, as its framing says; ``None`` when the first message must
+    tell: an HTTP/2 or HTTP/3 request without a ``Content-Length`` may have one (its frames end
+    it), where an HTTP/1 request without ``Content-Length`` or ``Transfer-Encoding`` has none."""
+    for name, value in scope["headers"]:
         if name == b"content-length":
             return value.strip() not in (b"0", b"")
         if name == b"transfer-encoding":
             return True
-    return False
+    return None if scope.get("http_version") in _FRAMED_BODIES else False
+
+
+_FRAMED_BODIES = frozenset({"2", "3"})
 
 
 async def send_error(send: Send, status: int, text: str) -> None:
@@ -208,7 +214,9 @@ class Exchange(ExchangeResult):
         "body_size",
         "client_gone",
         "extra_response_headers",
+        "failures",
         "finished",
+        "first",
         "has_body",
         "headers",
         "kept",
@@ -262,12 +270,17 @@ class Exchange(ExchangeResult):
         self.status: int | None = None
         self.failed = False
         self.retries = 0
+        # Each failed attempt, (upstream, reason, outcome), when the request is observed.
+        self.failures: list[tuple[str, str, str]] | None = None
         self.lease = lease  # the caller's, for ``again``: the exchange never touches it
         # ``again`` is told of every failed attempt (a refusal is news even without retries);
         # ``retry`` says what to keep so that the request can be sent again.
         self.again = again
         self.policy = retry
-        self.has_body = has_body = _has_body(scope["headers"])
+        # None: not known before the first message (see _look_for_body); a body until then.
+        self.has_body: bool | None = _has_body(scope)
+        has_body = self.has_body is not False
+        self.first: Message | None = None  # that first message, read ahead
         self.body_read = not has_body
         self.body_size = 0  # bytes of the request body taken from the client so far
         if retry is not None:  # the proxy passes None for retries off
@@ -311,6 +324,8 @@ class Exchange(ExchangeResult):
         method, send = self.method, self.send
         try:
             try:
+                if self.has_body is None:
+                    await self._look_for_body()
                 self.sent_at = time.perf_counter()
                 body = self._request_body() if self.has_body else None
                 try:
@@ -512,9 +527,29 @@ class Exchange(ExchangeResult):
             assert self.task is not None
             self.task.cancel()
 
+    async def _look_for_body(self) -> None:
+        """An HTTP/2 or HTTP/3 request without a ``Content-Length``: its first message says
+        whether a body follows (and is kept for :meth:`_request_body`)."""
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        if message.get("body") or message.get("more_body"):
+            self.has_body = True
+            self.first = message
+            return
+        self.has_body = False
+        self.kept = None
+        self.body_read = True
+        if self.watch_when_read:
+            self._start_watching()
+
     async def _request_body(self) -> AsyncIterator[bytes]:
         while True:
-            message = await self.receive()
+            message = self.first
+            if message is None:
+                message = await self.receive()
+            else:
+                self.first = None
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected
             chunk = message.get("body", b"")

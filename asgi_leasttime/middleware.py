@@ -19,10 +19,12 @@ from urllib.parse import quote
 from asgi_leasttime._paths import path_below_root
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.proxy import LeastTimeProxy
-from asgi_leasttime.types import ASGIApp, Receive, Scope, Send
+from asgi_leasttime.types import ASGIApp, Message, Receive, Scope, Send
 from asgi_leasttime.upstream import Upstream, upstream_list
 
 __all__ = ["LeastTimeMiddleware"]
+
+_SHUTDOWN_OVER = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
 
 
 class LeastTimeMiddleware:
@@ -99,8 +101,7 @@ class LeastTimeMiddleware:
         if kind == "lifespan":
             # The proxy's start-up before the app's, its shutdown after: the app's own start-up
             # may already send requests upstream.
-            async with self.proxy.lifespan():
-                await self.app(scope, receive, send)
+            await self._lifespan(scope, receive, send)
             return
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
@@ -113,6 +114,23 @@ class LeastTimeMiddleware:
             scope = _below(scope, prefix)
         fallback = self.app if self.fallback else None
         await self.proxy.forward(scope, receive, send, fallback=fallback)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The app's word that its shutdown is over waits for the proxy's shutdown: servers end
+        # the lifespan once they have it (hypercorn cancels its task, uvicorn and gunicorn's
+        # uvicorn workers close the event loop), which cut the proxy's shutdown off.
+        held: list[Message] = []
+
+        async def send_when_all_is_over(message: Message) -> None:
+            if message["type"] in _SHUTDOWN_OVER:
+                held.append(message)
+            else:
+                await send(message)
+
+        async with self.proxy.lifespan():
+            await self.app(scope, receive, send_when_all_is_over)
+        for message in held:
+            await send(message)
 
     def _selected(self, scope: Scope) -> str | None:
         """The matched path prefix ("" without ``paths``) if the request goes upstream."""

@@ -305,3 +305,41 @@ async def test_a_listed_status_after_a_retry_is_handed_over_once() -> None:
     )
     assert len(seen) == 2
     assert sent[0]["status"] == 503
+
+
+# -- HTTP/2 and HTTP/3 bodies without a length ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("chunks", "upstream_body"),
+    [((b"da", b"ta"), "data"), ((b"",), None)],
+    ids=["a body", "none"],
+)
+@pytest.mark.parametrize("error", [None, NotConnected("refused"), RequestNotSent("closed")])
+async def test_an_http2_request_without_a_length_says_by_its_first_message_if_it_has_a_body(
+    chunks: tuple[bytes, ...], upstream_body: str | None, error: Exception | None
+) -> None:
+    """HTTP/2 frames end a body, so no Content-Length need announce it (hypercorn and granian
+    pass such requests on as they come): the first message says, and a body found is sent
+    whole, again too when a retry allows."""
+    calls: list[str | None] = []
+
+    async def open_upstream(method: str, target: bytes, headers: Any, body: Any) -> FakeResponse:
+        got = None if body is None else b"".join([chunk async for chunk in body]).decode()
+        calls.append(got)
+        if error is not None and len(calls) == 1:
+            raise error
+        return FakeResponse()
+
+    again, _ = another_upstream()
+    scope = {**SCOPE, "method": "PUT", "http_version": "2"}
+    outcome = await forward_http(
+        open_upstream, b"/", "up", scope, body_of(*chunks), _ignore, [], again=again,
+        retry=Retry(),
+    )  # fmt: skip
+    assert outcome.status == 200
+    assert calls == [upstream_body] * (1 if error is None else 2)
+
+
+async def _ignore(message: dict[str, Any]) -> None:
+    pass

@@ -255,3 +255,21 @@ async def test_behind_a_server_root_path_the_prefix_is_still_stripped() -> None:
         ):
             answer = await client.get("/api/users/%7E7")
             assert answer.json()["raw_path"] == "/users/%7E7"
+
+
+async def test_the_app_s_word_that_shutdown_is_over_waits_for_the_proxy_s_shutdown() -> None:
+    """Servers end the lifespan once the app says its shutdown is complete (hypercorn cancels
+    its task, uvicorn closes its loop): the proxy's shutdown, after the app's, is over first."""
+    proxy = LeastTimeProxy(upstreams=["http://127.0.0.1:9"])
+    app = LeastTimeMiddleware(Starlette(), proxy=proxy, paths=["/api"])
+    incoming = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    told: list[tuple[str, bool]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        told.append((message["type"], proxy.running))
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+    assert told == [("lifespan.startup.complete", True), ("lifespan.shutdown.complete", False)]
