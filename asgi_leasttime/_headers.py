@@ -215,6 +215,22 @@ class RequestHeaders:
             return False
         return any(address in network for network in self.trusted_proxies)
 
+    def client_address(self, scope: Scope) -> str | None:
+        """The client as a log names it: the peer, or, when the peer is a trusted proxy, the
+        last address of ``X-Forwarded-For`` that is not one too."""
+        client = scope.get("client")
+        peer: str | None = client[0] if client else None
+        if not self.is_trusted(peer):
+            return peer
+        chain: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                chain += [part.strip() for part in value.decode("latin-1").split(",")]
+        for address in reversed(chain):
+            if address and not self.is_trusted(address):
+                return address
+        return peer
+
     def __call__(self, scope: Scope) -> Headers:
         """The headers for the upstream request of this scope."""
         client = scope.get("client")

@@ -667,6 +667,12 @@ class LeanClient:
         if chunked:
             await connection.write(b"0\r\n\r\n", seconds)
 
+    def retime(self, timeout: httpx.Timeout) -> None:
+        """Use ``timeout`` from the next request on (a reloaded file); the requests in flight
+        keep the read deadlines they started with."""
+        self.timeout = timeout
+        self._deadlines = _read_deadlines(timeout.read)
+
     def close_idle(
         self, host: str, port: int, https: bool = False, address: str | None = None
     ) -> None:

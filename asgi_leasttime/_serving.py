@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator
+from socket import socket
+from typing import Any
 
 import uvicorn
+from uvicorn.supervisors.multiprocess import Multiprocess
 
-__all__ = ["QuietServer", "SaidOnce"]
+__all__ = ["QuietServer", "ReloadingSupervisor", "SaidOnce", "uvicorn_lines"]
+
+logger = logging.getLogger("asgi_leasttime.reload")
 
 
 class QuietServer(uvicorn.Server):
@@ -21,6 +29,13 @@ class QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def uvicorn_lines() -> logging.Logger:
+    """uvicorn's own logger (``uvicorn.error``: its start, its stop, its errors)."""
+    import uvicorn.server
+
+    return uvicorn.server.logger
 
 
 class SaidOnce(logging.Filter):
@@ -40,3 +55,40 @@ class SaidOnce(logging.Filter):
             return False
         self.said.add(message)
         return True
+
+
+class ReloadingSupervisor(Multiprocess):
+    """uvicorn's supervisor of ``--workers N``, but SIGHUP reloads the file in place.
+
+    uvicorn's own answer to SIGHUP replaces every worker, which loses what each has learned of
+    the upstreams (averages, in-flight counts) and can cut its keep-alive connections. Here
+    ``on_hangup`` is called once, in the supervisor (it checks the file, logging a refusal
+    once, and applies it to what the supervisor runs); if it returns true, every worker that has
+    started is sent SIGHUP and applies the file itself (a worker still starting reads it as it
+    starts).
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket], on_hangup: Callable[[], bool]
+    ) -> None:
+        start: Any = super().__init__
+        if "target" in inspect.signature(Multiprocess.__init__).parameters:  # older uvicorn
+            start(config, target=uvicorn.Server(config).run, sockets=sockets)
+        else:
+            start(config, sockets=sockets)
+        self.on_hangup = on_hangup
+
+    def handle_hup(self) -> None:
+        """Check the file once; if good, tell each worker to apply it."""
+        if not self.on_hangup():
+            return
+        logger.info("Received SIGHUP: each worker applies the file in place")
+        for process in self.processes:
+            # A worker that has not finished starting may not handle SIGHUP yet (the default
+            # action ends the process).
+            # (Older uvicorn cannot tell started from alive.)
+            started = getattr(process, "is_ready", process.is_alive)
+            if process.pid is not None and started(timeout=2):
+                os.kill(process.pid, signal.SIGHUP)
+            else:
+                logger.info("worker [%s] is still starting: it reads the file itself", process.pid)

@@ -64,13 +64,15 @@ async def forward_websocket(
     *,
     tls: UpstreamTLS | None = None,
     pass_host_header: bool = True,
+    address: str | None = None,
 ) -> None:
     """Open the upstream WebSocket, accept the client's with the same subprotocol, relay.
 
     ``headers`` are those for the upstream (:class:`~asgi_leasttime._headers.RequestHeaders`);
     with ``pass_host_header`` the ``Host`` among them is the handshake's, otherwise the
     upstream's own is. A ``wss`` upstream is reached with ``tls`` (its context and server
-    name), or with the system's CA store without one.
+    name), or with the system's CA store without one. ``address``: where to connect, the URL's
+    host staying the handshake's ``Host`` and the TLS name.
 
     The handshake is the request the ``lease`` records: answered with 101 once the upstream
     accepts (its time to first byte is the handshake's), with the status it refused with, or
@@ -96,6 +98,8 @@ async def forward_websocket(
     ws_url = str(url.copy_with(scheme="wss" if secure else "ws"))
     subprotocols = scope.get("subprotocols") or None
     options: dict[str, Any] = {}
+    if address is not None:  # a DNS upstream: this address, under the URL's name
+        options["host"] = address
     if secure and tls is not None:
         options["ssl"] = tls.context
         if tls.server_name is not None:

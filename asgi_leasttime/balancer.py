@@ -762,6 +762,10 @@ class Balancer:
         neither. The passive health check listens here."""
         self._outcome_listeners.append(listener)
 
+    def unregister_outcome_listener(self, listener: OutcomeListener) -> None:
+        """Stop calling ``listener`` (a passive check replaced by a reloaded file's)."""
+        self._outcome_listeners.remove(listener)
+
     def _tell_listeners(self, lease: Lease) -> None:
         for listener in self._outcome_listeners:
             listener(lease)

@@ -10,15 +10,17 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from asgi_leasttime import __version__
 from asgi_leasttime._extras import MissingExtra, need
 from asgi_leasttime._private_store import private_store
 from asgi_leasttime.config import (
+    ACCESS_LOG_ENV,
     PRIVATE_STATE_ENV,
     Config,
     ConfigError,
@@ -28,6 +30,10 @@ from asgi_leasttime.config import (
 )
 from asgi_leasttime.metrics import WORKERS_DIR_ENV
 from asgi_leasttime.options import OptionError
+
+if TYPE_CHECKING:
+    from asgi_leasttime.proxy import LeastTimeProxy
+    from asgi_leasttime.upstream import Upstream
 
 __all__ = ["main"]
 
@@ -42,6 +48,14 @@ def _config_from_environment() -> Config:
     return load_config(os.environ[CONFIG_ENV])
 
 
+def _config_path() -> str | None:
+    """The file the serving processes read (and read again on SIGHUP); ``None`` when they
+    serve ``--upstream`` URLs."""
+    if os.environ.get(DOCUMENT_ENV):
+        return None
+    return os.environ.get(CONFIG_ENV)
+
+
 def create_app() -> Any:
     """The app each uvicorn worker serves (``uvicorn --factory asgi_leasttime.cli:create_app``)."""
     config = _config_from_environment()
@@ -50,8 +64,37 @@ def create_app() -> Any:
         from asgi_leasttime.metrics import RequestMetrics
 
         proxy.observe_requests(RequestMetrics(proxy))
+    _reload_on_hangup(proxy, config)
+    _access_log_off_the_loop()
     _freeze_heap(config)
     return proxy
+
+
+def _access_log_off_the_loop() -> None:
+    """Once per serving process: the access log's handlers run on a thread of their own, so a
+    slow terminal or disk delays the lines, not the requests; stopped (the queue emptied) when
+    the process exits."""
+    import atexit
+
+    from asgi_leasttime.access_log import log_without_blocking
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(log_without_blocking())
+    atexit.register(stack.close)
+
+
+def _reload_on_hangup(proxy: LeastTimeProxy, config: Config) -> None:
+    """SIGHUP reloads the file into ``proxy``, on the loop serving it: uvicorn builds the app
+    from its factory inside its running loop (a proxy built outside one takes no signal)."""
+    import asyncio
+
+    from asgi_leasttime.reload import Reloader
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    Reloader(proxy, _config_path(), config).install(loop)
 
 
 def _freeze_heap(config: Config) -> None:
@@ -105,6 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     if not args.config and not args.upstream:
         print("give a config file or at least one --upstream URL", file=sys.stderr)
         return 2
+    if args.access_log is not None:  # for every serving process, as [log] access would say
+        os.environ[ACCESS_LOG_ENV] = args.access_log
     try:
         if args.config:
             config = load_config(args.config)
@@ -129,6 +174,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{_flag(exc.option)}: {exc.reason}", file=sys.stderr)
         return 2
     host, port, workers = listen.host, listen.port, listen.workers
+    # SIGHUP ends a process by default: ignored until the serving loop (or uvicorn's
+    # supervisor of several workers) takes it over and reloads the file.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    watched = _config_path() if listen.watch else None
     passed = config.section("balancer")["pass_server_header"]
     options = uvicorn_options(
         host,
@@ -138,8 +187,11 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=not passed,
         cert_file=listen.cert_file,
         key_file=listen.key_file,
+        access_log=config.log_options().access == "off",
     )
     if workers == 1:
+        if watched is not None:
+            _watch(watched)
         if admin is None:
             uvicorn.run("asgi_leasttime.cli:create_app", **options)
             return 0
@@ -148,14 +200,56 @@ def _serve(args: argparse.Namespace) -> int:
         if "state" not in config.optional:
             # One state for every worker, out of the box: a private server for this run.
             os.environ[PRIVATE_STATE_ENV] = stack.enter_context(private_store())
+        relay = None
         if admin is not None:
             # The workers count their requests in files the supervisor's admin app adds up:
             # set before prometheus-client is first imported here or in a worker.
             counters = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgi-leasttime-"))
             os.environ[WORKERS_DIR_ENV] = counters
-            stack.enter_context(_admin_beside_workers(config, admin, token, args.log_level))
-        uvicorn.run("asgi_leasttime.cli:create_app", workers=workers, **options)
+            relay = stack.enter_context(_admin_beside_workers(config, admin, token, args.log_level))
+        _supervise(workers, options, relay, watched)
     return 0
+
+
+def _watch(path: str) -> None:
+    from asgi_leasttime.reload import watch_file
+
+    watch_file(path)
+
+
+def _supervise(
+    workers: int,
+    options: dict[str, Any],
+    relay: Callable[[Sequence[Upstream]], None] | None,
+    watched: str | None,
+) -> None:
+    """``uvicorn.run(..., workers=N)``, but SIGHUP reloads the file in each worker in place
+    rather than replacing the workers (see :class:`ReloadingSupervisor`): the file is checked
+    once here, and the admin app's proxy in this process (``relay``) takes its upstreams."""
+    import uvicorn
+
+    from asgi_leasttime._serving import ReloadingSupervisor
+    from asgi_leasttime.reload import NOTHING_TO_RELOAD, check_file
+
+    path = _config_path()
+
+    def on_hangup() -> bool:
+        if path is None:
+            logging.getLogger("asgi_leasttime.reload").info(NOTHING_TO_RELOAD)
+            return False
+        checked = check_file(path)
+        if checked is None:
+            return False
+        if relay is not None:
+            relay(checked[1].upstreams)
+        return True
+
+    config = uvicorn.Config("asgi_leasttime.cli:create_app", workers=workers, **options)
+    supervisor = ReloadingSupervisor(config, [config.bind_socket()], on_hangup)
+    if watched is not None:
+        _watch(watched)  # once the supervisor takes SIGHUP
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run()
+        supervisor.run()
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -171,6 +265,18 @@ def log_config(level: str) -> dict[str, Any]:
         "level": level.upper(),
         "propagate": False,
     }
+    # The access log's lines carry their own time, and go where uvicorn's access lines go.
+    config["formatters"]["leasttime_access"] = {"format": "%(message)s"}
+    config["handlers"]["leasttime_access"] = {
+        "formatter": "leasttime_access",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"]["asgi_leasttime.access"] = {
+        "handlers": ["leasttime_access"],
+        "level": "INFO",
+        "propagate": False,
+    }
     return config
 
 
@@ -183,6 +289,7 @@ def uvicorn_options(
     server_header: bool = True,
     cert_file: str | None = None,
     key_file: str | None = None,
+    access_log: bool = True,
 ) -> dict[str, Any]:
     """How ``serve`` runs uvicorn. ``server_header``: uvicorn sends its ``Date`` and ``Server``
     (the proxy drops the upstream's); off when the proxy passes the upstream's instead
@@ -204,6 +311,7 @@ def uvicorn_options(
         "http": http,
         "log_level": log_level,
         "log_config": log_config(log_level),
+        "access_log": access_log,  # off when the proxy's own access log is on: one line each
     }
 
 
@@ -215,17 +323,19 @@ def _serve_with_admin(
 
     import uvicorn
 
-    from asgi_leasttime._serving import SaidOnce
+    from asgi_leasttime._serving import SaidOnce, uvicorn_lines
     from asgi_leasttime.metrics import AdminApp
 
     proxy = config.build_proxy()
     options = {**options, "factory": False}
     main = uvicorn.Server(uvicorn.Config(proxy, **options))
     server = _admin_server(AdminApp(proxy, token=token), admin, options["log_level"])
-    logging.getLogger("uvicorn.error").addFilter(SaidOnce("Started server process", "Finished"))
+    uvicorn_lines().addFilter(SaidOnce("Started server process", "Finished"))
+    _access_log_off_the_loop()
     _freeze_heap(config)
 
     async def both() -> None:
+        _reload_on_hangup(proxy, config)
         task = asyncio.create_task(server.serve())
         await main.serve()
         server.should_exit = True
@@ -260,9 +370,10 @@ def _admin_server(app: Any, admin: dict[str, Any], log_level: str) -> Any:
 @contextlib.contextmanager
 def _admin_beside_workers(
     config: Config, admin: dict[str, Any], token: str | None, log_level: str
-) -> Iterator[None]:
+) -> Iterator[Callable[[Sequence[Upstream]], None]]:
     """Several workers: the admin app runs in the supervisor, on a proxy of its own that serves
-    no traffic and probes nothing, and reaches the workers through the shared state."""
+    no traffic and probes nothing, and reaches the workers through the shared state. Yields
+    how a reloaded file's upstreams reach that proxy (its loop runs in another thread)."""
     import asyncio
     import threading
 
@@ -270,15 +381,24 @@ def _admin_beside_workers(
 
     proxy = config.build_proxy(relay_only=True)
     server = _admin_server(AdminApp(proxy, token=token), admin, log_level)
+    loops: list[asyncio.AbstractEventLoop] = []
+    started = threading.Event()
 
     async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        started.set()
         async with proxy.lifespan():
             await server.serve()
+
+    def relay(upstreams: Sequence[Upstream]) -> None:
+        if started.wait(10):
+            with contextlib.suppress(RuntimeError):  # the loop has closed: shutting down
+                loops[0].call_soon_threadsafe(proxy.reconcile_upstreams, upstreams)
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     try:
-        yield
+        yield relay
     finally:
         server.should_exit = True
         thread.join(10)
@@ -291,13 +411,14 @@ def _print_errors(source: str, error: ConfigError) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    """What ``serve`` would refuse: the file's mistakes, all of them, and an admin token it
-    names that is too short. The sticky keys are the environment's at serving time: unset
-    here, they are a note, not a mistake."""
+    """What ``serve`` would refuse: the file's mistakes, all of them, an admin token it
+    names that is too short, and traces asked for without their extra. The sticky keys are
+    the environment's at serving time: unset here, they are a note, not a mistake."""
     try:
         config = load_config(args.config)
         if "admin" in config.optional:
             config.admin_token()
+        config.tracing()  # [log] traces without the otel extra
     except ConfigError as exc:
         _print_errors(args.config, exc)
         return 1
@@ -343,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", choices=("httptools", "h11"), default="httptools",
                        help="uvicorn's HTTP parser: httptools (default, faster) or h11 (forwards "
                        "any method token; answers HTTP/1.0 clients without chunks)")  # fmt: skip
+    serve.add_argument("--access-log", choices=("text", "json", "off"),
+                       help="the proxy's access log, one line per request with the upstream's "
+                       "fields, in place of uvicorn's (default: [log] access, off)")  # fmt: skip
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="check a configuration file and exit")

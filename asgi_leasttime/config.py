@@ -28,10 +28,11 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asgi_leasttime._extras import MissingExtra
 from asgi_leasttime._headers import RequestHeaders
+from asgi_leasttime.access_log import AccessLog
 from asgi_leasttime.admin import check_token
 from asgi_leasttime.balancer import Balancer
 from asgi_leasttime.client import limits, timeouts
@@ -44,12 +45,14 @@ from asgi_leasttime.retry import Retry
 from asgi_leasttime.state import StateStore
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
+from asgi_leasttime.tracing import Tracing
 from asgi_leasttime.upstream import NO_UPSTREAMS, Upstream
 
 __all__ = [
     "AdminOptions",
     "Config",
     "ConfigError",
+    "LogOptions",
     "ServerOptions",
     "load_config",
     "parse_config",
@@ -79,7 +82,10 @@ class ServerOptions:
     ``cert_file`` (a PEM certificate chain) turns HTTPS on: ``serve`` terminates TLS itself, as
     Traefik's entrypoints do (uvicorn's ``ssl_certfile``); ``key_file`` is its private key if not
     in the same file (``ssl_keyfile``). Both are loaded here, so a file that is missing,
-    unreadable or not a certificate and its key is refused when the file is checked."""
+    unreadable or not a certificate and its key is refused when the file is checked.
+
+    ``watch``: reload the file when it changes (looked at about once a second), as ``kill
+    -HUP`` does (see :mod:`asgi_leasttime.reload`)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -87,6 +93,7 @@ class ServerOptions:
     freeze_gc: bool = True
     cert_file: str | None = None
     key_file: str | None = None
+    watch: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -133,6 +140,39 @@ def _check_certificate(cert_file: str, key_file: str | None) -> None:
 
 
 @dataclass(frozen=True)
+class LogOptions:
+    """What ``serve`` logs and traces besides uvicorn's lines (``[log]``).
+
+    ``access``: ``"text"`` or ``"json"`` for an access log of the proxy's own (see
+    :mod:`asgi_leasttime.access_log`), which then replaces uvicorn's; ``"off"`` by default.
+    ``access_headers``: request headers whose values the access log adds, by name.
+    ``traces``: an OpenTelemetry client span for every attempt at an upstream
+    (:class:`~asgi_leasttime.tracing.Tracing`, the ``otel`` extra), to the global tracer
+    provider (``opentelemetry-instrument asgi-leasttime serve ...`` sets one up)."""
+
+    access: Literal["off", "text", "json"] = "off"
+    access_headers: Sequence[str] = ()
+    traces: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.access_headers, str):
+            raise OptionError("access_headers", f"must be a list, not {self.access_headers!r}")
+        check_fields(self)
+        if self.access not in ("off", "text", "json"):
+            raise OptionError("access", f"must be 'off', 'text' or 'json', not {self.access!r}")
+        try:
+            AccessLog(headers=self.access_headers)
+        except OptionError as exc:
+            raise OptionError("access_headers", exc.reason) from None
+
+    def access_log(self) -> AccessLog | None:
+        """The access log these options ask for, or ``None``."""
+        if self.access == "off":
+            return None
+        return AccessLog(self.access, self.access_headers)
+
+
+@dataclass(frozen=True)
 class AdminOptions:
     """Where the admin app listens (``[admin]``); present, it turns the admin app on, and then
     ``port`` is required. Its write API takes the token in the environment variable
@@ -148,6 +188,8 @@ class AdminOptions:
 
 
 PRIVATE_STATE_ENV = "ASGI_LEASTTIME_STATE_URL"
+ACCESS_LOG_ENV = "ASGI_LEASTTIME_ACCESS_LOG"
+"""``serve --access-log``'s choice, for every serving process."""
 """Where ``serve --workers N`` tells its workers the URL of the private store it started."""
 
 
@@ -277,6 +319,7 @@ TABLES: dict[str, Table] = {
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
+    "log": Table((Part(LogOptions),)),
     "state": Table(
         (Part(RedisState, leave_out=("password",), judge=_state_options),),
         own={"password_env": Key((str,), "ASGI_LEASTTIME_STATE_PASSWORD")},
@@ -358,7 +401,7 @@ class Config:
         state = self.state_store(environ)
         if relay_only and isinstance(state, RedisState):
             state = RedisState(**{**state.options(), "report_every": None})
-        return LeastTimeProxy(
+        proxy = LeastTimeProxy(
             state=state,
             tls=tls,
             upstreams=[Upstream(**u) for u in self.upstreams],
@@ -374,7 +417,30 @@ class Config:
             passive_health_check=passive,
             retry=Retry(**self.section("retry")),
             dns=DnsResolver(**self.section("dns")),
+            tracing=self.tracing() if not relay_only else None,
         )
+        access_log = self.log_options(environ).access_log()
+        if access_log is not None and not relay_only:
+            proxy.observe_requests(access_log)
+        return proxy
+
+    def log_options(self, environ: Mapping[str, str] | None = None) -> LogOptions:
+        """``[log]``, with ``serve --access-log``'s choice (:data:`ACCESS_LOG_ENV`) first."""
+        environ = os.environ if environ is None else environ
+        log = LogOptions(**self.section("log"))
+        given = environ.get(ACCESS_LOG_ENV)
+        if given:
+            log = dataclasses.replace(log, access=given)  # type: ignore[arg-type]
+        return log
+
+    def tracing(self) -> Tracing | None:
+        """The ``[log] traces`` tracing, or ``None``; :class:`ConfigError` without its extra."""
+        if not self.section("log")["traces"]:
+            return None
+        try:
+            return Tracing()
+        except MissingExtra as exc:
+            raise ConfigError([f"log.traces: {exc}"]) from None
 
     def state_store(self, environ: Mapping[str, str] | None = None) -> StateStore | None:
         """The ``[state]`` store, or the private one ``serve --workers N`` started; ``None``

@@ -242,6 +242,7 @@ class PassiveCheck:
         self._ejected_here: set[str] = set()  # ejections this process made (and so ends)
         self.next_return = math.inf  # the earliest of those
         self._woken: anyio.Event | None = None  # set when an ejection may return sooner
+        self._stopped = False
         balancer.register_outcome_listener(self._count)
 
     def _count(self, lease: Lease) -> None:
@@ -312,8 +313,8 @@ class PassiveCheck:
     async def run(self) -> None:
         """End ejections as their windows pass, for the proxy's lifespan. The wait is on the
         balancer's clock, looked at again at least once a second (a test's fake clock moves
-        without waking anyone)."""
-        while True:
+        without waking anyone); returns once :meth:`stop` is called."""
+        while not self._stopped:
             self._woken = anyio.Event()
             wait = self.next_return - self.balancer.clock()
             if wait <= 0:
@@ -321,6 +322,23 @@ class PassiveCheck:
                 continue
             with anyio.move_on_after(min(wait, 1.0)):
                 await self._woken.wait()
+
+    def stop(self, reason: str) -> None:
+        """Stop for good (a reloaded file replaced or removed the passive check): no more
+        counting, every upstream this check holds down comes back (told to the other processes
+        where shared), and :meth:`run` returns."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.balancer.unregister_outcome_listener(self._count)
+        for server in self.balancer:
+            if "passive" in server.down_flags:
+                self._end(server.name, reason)
+        self._failures.clear()
+        self._ejected.clear()
+        self.next_return = math.inf
+        if self._woken is not None:
+            self._woken.set()
 
     def heard(self, name: str, until: float | bool) -> None:
         """Another process's ejection (``until`` as :attr:`tell_others` says it), or its end."""

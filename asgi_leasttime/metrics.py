@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from asgi_leasttime._paths import path_below_root
 from asgi_leasttime.admin import WRITES, check_token, write
+from asgi_leasttime.records import RequestRecord
 from asgi_leasttime.state import Fleet, fleet_totals
 from asgi_leasttime.types import Receive, Scope, Send
 
@@ -31,6 +32,9 @@ WORKERS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 """prometheus-client's own switch to its multiprocess mode: where each process writes its
 counters. ``serve --workers N`` sets it for its workers when it serves an admin app."""
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+UPSTREAM_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                    2.5, 5, 10, 30, 60)  # fmt: skip
+"""Sub-millisecond (a loopback upstream) to a minute (a long poll, a model's answer)."""
 
 
 def _relays_only(proxy: LeastTimeProxy) -> bool:
@@ -98,23 +102,49 @@ class RequestMetrics:
             ("service", "reason", "outcome"),
             registry=self.registry,
         )
+        upstream_labels = ("service", "server")
+        self.ttfb = Histogram(
+            f"{PREFIX}_server_ttfb_seconds",
+            "Time from sending a request to the upstream to its response head.",
+            upstream_labels,
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_duration = Histogram(
+            f"{PREFIX}_server_request_duration_seconds",
+            "Arrival to end of response of the requests an upstream answered, by status class.",
+            (*upstream_labels, "code_class"),
+            buckets=UPSTREAM_BUCKETS,
+            registry=self.registry,
+        )
+        self.attempts = Histogram(
+            f"{PREFIX}_service_attempts",
+            "Attempts made for one request (1: no retry; 0: no upstream to try).",
+            ("service",),
+            buckets=(0, 1, 2, 3, 4, 5),
+            registry=self.registry,
+        )
         self.service = proxy.name
         for (reason, outcome), count in proxy.retry_counts.items():  # those before these metrics
             self.outcomes.labels(self.service, reason, outcome).inc(count)
 
-    def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
+    def finished(self, record: RequestRecord) -> None:
         """Count one finished request."""
-        labels = (str(code), method, protocol, self.service)
+        service = self.service
+        labels = (str(record.status), record.method, record.protocol, service)
         self.requests.labels(*labels).inc()
-        self.duration.labels(*labels).observe(seconds)
-
-    def retried(self, count: int) -> None:
-        """Count attempts after the first, sent to another upstream."""
-        self.retries.labels(self.service).inc(count)
-
-    def attempt_failed(self, reason: str, outcome: str) -> None:
-        """Count one failed attempt: why it failed and what came of it."""
-        self.outcomes.labels(self.service, reason, outcome).inc()
+        self.duration.labels(*labels).observe(record.duration)
+        self.attempts.labels(service).observe(record.attempts)
+        if record.attempts > 1:
+            self.retries.labels(service).inc(record.attempts - 1)
+        for _, reason, outcome in record.failed_attempts:
+            self.outcomes.labels(service, reason, outcome).inc()
+        upstream = record.upstream
+        if upstream is not None and record.upstream_status is not None:
+            if record.ttfb is not None:
+                self.ttfb.labels(service, upstream).observe(record.ttfb)
+            code_class = f"{record.status // 100}xx"
+            self.upstream_duration.labels(service, upstream, code_class).observe(record.duration)
 
 
 def workers_registry(directory: str) -> Any:
@@ -252,7 +282,8 @@ class AdminApp:
             pass
         else:
             self.registry.register(self._upstreams)
-        proxy.observe_requests(self.metrics)
+        if self.metrics is not None:
+            proxy.observe_requests(self.metrics)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import time
 import traceback
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.abc
@@ -23,33 +24,27 @@ from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
 from asgi_leasttime.discovery import Discovery, DnsResolver
 from asgi_leasttime.errors import NotConnected, UpstreamError
-from asgi_leasttime.health import HealthCheck, PassiveCheck, PassiveHealthCheck, watch_upstream
+from asgi_leasttime.health import (
+    HealthCheck,
+    PassiveCheck,
+    PassiveHealthCheck,
+    report_status,
+    watch_upstream,
+)
 from asgi_leasttime.options import OptionError, check_instance
+from asgi_leasttime.records import RequestObserver, RequestRecord
 from asgi_leasttime.retry import Retry, RetryBudget, RetryCounts, reason_of
 from asgi_leasttime.state import Change, InProcessState, StateStore
 from asgi_leasttime.status import UpstreamStatus
 from asgi_leasttime.sticky import StickyCookie
 from asgi_leasttime.tls import UpstreamTLS
+from asgi_leasttime.tracing import Tracing
 from asgi_leasttime.types import ASGIApp, Headers, Message, Opener, Receive, Scope, Send
 from asgi_leasttime.upstream import Upstream, upstream_list
 from asgi_leasttime.upstreams import Member, UpstreamSet
 
 if TYPE_CHECKING:
     from asgi_leasttime._lean import LeanClient, LeanResponse
-
-
-class RequestObserver(Protocol):
-    """What the proxy tells of every request it answers (the admin app's metrics)."""
-
-    def observe(self, method: str, code: int, protocol: str, seconds: float) -> None:
-        """One finished request: its method, the status sent, the protocol, its duration."""
-
-    def retried(self, count: int) -> None:
-        """Attempts after the first, made on other upstreams."""
-
-    def attempt_failed(self, reason: str, outcome: str) -> None:
-        """An attempt that failed for ``reason`` (``refused``, ``reset``, ...) and came to
-        ``outcome`` (``retried``, or why not)."""
 
 
 __all__ = ["LeastTimeProxy"]
@@ -60,6 +55,7 @@ logger = logging.getLogger("asgi_leasttime.proxy")
 # proxy is refused, tried again and refused again many times a second.
 _retries_refused = RateLimitedLog(logger, 10.0)
 _refusals = RateLimitedLog(logger, 10.0)
+_observer_faults = RateLimitedLog(logger, 10.0)
 
 TIMER_STEP = 0.25
 """Seconds between two looks of the lifespan's timer: upstreams that refused come back (their
@@ -130,6 +126,8 @@ class LeastTimeProxy:
         dns: how the upstreams given with ``resolve=True`` are resolved
             (:class:`~asgi_leasttime.discovery.DnsResolver`; by default the system's resolver,
             every 5 s). Their addresses are looked up when the lifespan starts.
+        tracing: an OpenTelemetry client span for every attempt at an upstream
+            (:class:`~asgi_leasttime.tracing.Tracing`, the ``otel`` extra); ``None``: none.
     """
 
     def __init__(
@@ -156,6 +154,7 @@ class LeastTimeProxy:
         retry: Retry | None = DEFAULT_RETRY,
         pass_server_header: bool = False,
         dns: DnsResolver | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -174,6 +173,7 @@ class LeastTimeProxy:
             ("tls", tls, UpstreamTLS),
             ("retry", retry, Retry),
             ("dns", dns, DnsResolver),
+            ("tracing", tracing, Tracing),
             ("client", client, httpx.AsyncClient),
             ("transport", transport, httpx.AsyncBaseTransport),
         ):
@@ -198,7 +198,7 @@ class LeastTimeProxy:
             trusted_proxies=trusted_proxies,
             pass_server_header=pass_server_header,
         )
-        self.metrics: RequestObserver | None = None  # see observe_requests()
+        self._observers: tuple[RequestObserver, ...] = ()  # see observe_requests()
         self._users = 0  # lifespans entered and not left
         self._all_left: anyio.Event | None = None
         self._stopping: anyio.Event | None = None  # set once the last user's teardown is over
@@ -236,6 +236,7 @@ class LeastTimeProxy:
             self._lean = LeanClient(timeout=timeout, limits=limits, tls=self.tls)
         if client is not None:
             forget_cookies(client)
+        self.tracing = tracing
         self.dns = dns if dns is not None else DnsResolver()
         self._discovery = Discovery(self._members, self.dns)
         for upstream in upstreams:
@@ -436,10 +437,17 @@ class LeastTimeProxy:
             return None
         return {"allowed": budget.allowed(), "retries": budget.retries, "refused": budget.spent}
 
-    def observe_requests(self, observer: RequestObserver | None) -> None:
-        """Tell ``observer`` of every request this proxy answers (an
-        :class:`~asgi_leasttime.metrics.AdminApp` gives its metrics here); ``None`` stops."""
-        self.metrics = observer
+    def observe_requests(self, observer: RequestObserver) -> None:
+        """Tell ``observer`` of every request this proxy answers, with a
+        :class:`~asgi_leasttime.records.RequestRecord` once it is over (the admin app's
+        metrics, an :class:`~asgi_leasttime.access_log.AccessLog`). Without observers no
+        record is made."""
+        if observer not in self._observers:
+            self._observers = (*self._observers, observer)
+
+    def stop_observing(self, observer: RequestObserver) -> None:
+        """Stop telling ``observer`` of requests."""
+        self._observers = tuple(o for o in self._observers if o is not observer)
 
     # -- the client and the lifespan --------------------------------------------------------------
 
@@ -548,10 +556,11 @@ class LeastTimeProxy:
             passive.restore_due()
 
     async def _timer(self) -> None:
-        balancer, budget = self.balancer, self._budget
+        balancer = self.balancer
         while True:
             if balancer.next_return <= balancer.clock():
                 self._return_refused()
+            budget = self._budget  # a reloaded file may have made a new one
             if budget is not None:
                 budget.tick()
             await anyio.sleep(TIMER_STEP)
@@ -603,7 +612,7 @@ class LeastTimeProxy:
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(scope, receive, send, None)
+            await self._websocket(scope, receive, send, None)  # observed there
 
     async def forward(
         self, scope: Scope, receive: Receive, send: Send, *, fallback: ASGIApp | None = None
@@ -636,34 +645,73 @@ class LeastTimeProxy:
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
     ) -> Coroutine[Any, Any, None]:
         # A plain function handing over a coroutine: one frame less on every request.
-        if self.metrics is None:
+        if not self._observers:
             return self._forward(scope, receive, send, fallback)
-        return self._counted(self.metrics, scope, receive, send, fallback)
+        return self._observed(scope, receive, send, fallback)
 
-    async def _counted(
+    async def _observed(
+        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+    ) -> None:
+        record = RequestRecord(scope, time.time())
+        started = time.perf_counter()
+
+        async def observed_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                record.bytes_sent += len(message.get("body", b""))
+            elif kind == "http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self._forward(scope, receive, observed_send, fallback, record)
+        finally:
+            record.duration = time.perf_counter() - started
+            self._tell_observers(record)
+
+    def _tell_observers(self, record: RequestRecord) -> None:
+        scope = record.scope
+        record.client = self.request_headers.client_address(scope)
+        sticky = self.sticky
+        if sticky is not None and record.upstream is not None:
+            held = sticky.known_in(scope["headers"], self._members.by_sticky_id)
+            if held is not None and held.name == record.upstream:
+                record.sticky = "kept"
+            else:
+                record.sticky = "moved" if sticky.sent_in(scope["headers"]) else "new"
+        for observer in self._observers:
+            try:
+                observer.finished(record)
+            except Exception:  # an observer's fault is not the client's
+                _observer_faults.error(
+                    type(observer).__name__, "observer %r failed", observer, exc_info=True
+                )
+
+    def _record(self, record: RequestRecord, lease: Lease, exchange: Exchange | None) -> None:
+        """What the request came to upstream, into its record."""
+        final = exchange.lease if exchange is not None else lease
+        name = record.upstream = final.server.name
+        member = self._by_name.get(name)
+        if member is not None and member.upstream.url is not None:
+            upstream = member.upstream
+            record.address = f"{upstream.address or upstream.host}:{upstream.port}"
+        if exchange is None:  # in-process: one attempt, whose status the client got
+            record.attempts = 1
+            record.upstream_status = record.status if record.status != 499 else None
+            return
+        record.upstream_status = exchange.status
+        record.ttfb = exchange.ttfb
+        record.attempts = 1 + exchange.retries
+        if exchange.failures:
+            record.failed_attempts = exchange.failures
+
+    async def _forward(
         self,
-        metrics: RequestObserver,
         scope: Scope,
         receive: Receive,
         send: Send,
         fallback: ASGIApp | None,
-    ) -> None:
-        started = time.perf_counter()
-        status = 499  # nginx's "client closed request": no response was started
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self._forward(scope, receive, counting_send, fallback)
-        finally:
-            metrics.observe(scope["method"], status, "http", time.perf_counter() - started)
-
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+        record: RequestRecord | None = None,
     ) -> None:
         budget = self._budget
         if budget is not None:
@@ -712,12 +760,14 @@ class LeastTimeProxy:
                 self._on_failed_attempt,
                 self.retry,
             )  # positional: keywords cost on every request
+            if record is not None:
+                exchange.failures = []
             await exchange.run(target)
-            if exchange.retries and self.metrics is not None:
-                self.metrics.retried(exchange.retries)
             if exchange.failed:
                 exchange.lease.failed()
         finally:  # not a with block: one method call less on every request
+            if record is not None:
+                self._record(record, lease, exchange)
             lease.release()
             if exchange is not None and exchange.lease is not lease:
                 exchange.lease.release()
@@ -767,11 +817,11 @@ class LeastTimeProxy:
             self.balancer.refused(server)
         retry, budget = self.retry, self._budget
         if retry is None or budget is None or exchange.retries + 1 >= retry.attempts:
-            self._attempt_failed(reason, "attempts")
+            self._attempt_failed(exchange, server.name, reason, "attempts")
             return False
         if budget.allowed() < 1:  # before bringing back a refused upstream for nothing
             budget.spent += 1
-            self._attempt_failed(reason, "budget")
+            self._attempt_failed(exchange, server.name, reason, "budget")
             _retries_refused.warning(
                 self.name, "retry budget of %r spent: %s failed for good", self.name, reason
             )
@@ -791,7 +841,7 @@ class LeastTimeProxy:
                 other = self.balancer.next_server_except(exclude)
         member = self._by_name.get(other.name) if other is not None else None
         if other is None or member is None:  # (a server put in the balancer by hand)
-            self._attempt_failed(reason, "no_upstream")
+            self._attempt_failed(exchange, server.name, reason, "no_upstream")
             return False
         budget.try_spend()
         lease.release()
@@ -800,13 +850,14 @@ class LeastTimeProxy:
         sticky = self.sticky
         set_cookie = [sticky.set_cookie_header(other.name)] if sticky is not None else None
         exchange.aim(member.opener, other.name, new.answered, set_cookie)
-        self._attempt_failed(reason, "retried")
+        self._attempt_failed(exchange, server.name, reason, "retried")
         return True
 
-    def _attempt_failed(self, reason: str, outcome: str) -> None:
+    def _attempt_failed(self, exchange: Exchange, name: str, reason: str, outcome: str) -> None:
         self.retry_counts.count(reason, outcome)
-        if self.metrics is not None:
-            self.metrics.attempt_failed(reason, outcome)
+        failures = exchange.failures
+        if failures is not None:  # the request is observed
+            failures.append((name, reason, outcome))
 
     def _opener(self, upstream: Upstream) -> Opener:
         """How requests reach an upstream with a URL: made once, when the upstream is added."""
@@ -822,14 +873,25 @@ class LeastTimeProxy:
             ) -> Coroutine[Any, Any, LeanResponse]:
                 return send(method, host, port, base_path + target, headers, body, https, address)
 
-            return open_upstream
+            return self._traced(open_upstream, upstream)
         if upstream.address is not None or upstream.resolve:
             raise OptionError(
                 "resolve" if upstream.resolve else "address",
                 "needs the proxy's own upstream client (upstream_client='lean', no client or "
                 "transport given)",
             )
-        return httpx_opener(lambda: self.client, upstream.target_url)
+        return self._traced(httpx_opener(lambda: self.client, upstream.target_url), upstream)
+
+    def _traced(self, opener: Opener, upstream: Upstream) -> Opener:
+        tracing = self.tracing
+        if tracing is None:
+            return opener
+        balancer, name = self.balancer, upstream.name
+
+        def score() -> float:
+            return balancer[name].score if name in balancer else math.inf
+
+        return tracing.wrap(opener, upstream, score)
 
     async def _forward_in_process(
         self,
@@ -864,6 +926,41 @@ class LeastTimeProxy:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
     ) -> None:
+        if not self._observers:
+            await self._relay_websocket(scope, receive, send, fallback)
+            return
+        record = RequestRecord(scope, time.time(), "websocket")
+        started = time.perf_counter()
+
+        async def observed_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "websocket.send":
+                data = message.get("bytes") or message.get("text", "").encode()
+                record.bytes_sent += len(data)
+            elif kind == "websocket.accept":
+                record.status = 101
+            elif kind == "websocket.close" and record.status == 499:
+                record.status = 403  # the handshake refused (as uvicorn answers it)
+            elif kind == "websocket.http.response.start":
+                record.status = message["status"]
+            await send(message)
+
+        try:
+            await self._relay_websocket(scope, receive, observed_send, fallback, record)
+        finally:
+            record.duration = time.perf_counter() - started
+            if record.upstream is not None and record.status != 499:
+                record.upstream_status = record.status  # the handshake's answer, relayed
+            self._tell_observers(record)
+
+    async def _relay_websocket(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        fallback: ASGIApp | None,
+        record: RequestRecord | None = None,
+    ) -> None:
         from asgi_leasttime._websocket import forward_websocket
 
         try:
@@ -876,6 +973,8 @@ class LeastTimeProxy:
             return
         with lease:
             member = self._by_name.get(lease.server.name)
+            if record is not None:
+                self._record(record, lease, None)
             if member is None:  # a server put in the balancer by hand, not an upstream
                 await send({"type": "websocket.close", "code": 1013})
                 return
@@ -899,6 +998,7 @@ class LeastTimeProxy:
                 lease,
                 tls=self.tls,
                 pass_host_header=self.request_headers.pass_host_header,
+                address=upstream.address,
             )
 
     async def _websocket_in_process(
@@ -915,3 +1015,89 @@ class LeastTimeProxy:
             await send(message)
 
         await app(dict(scope), receive, timed_send)
+
+    # -- reload -----------------------------------------------------------------------------------
+
+    def reconfigure(
+        self,
+        *,
+        sticky: StickyCookie | None,
+        health_check: HealthCheck | None,
+        passive_health_check: PassiveHealthCheck | None,
+        retry: Retry | None,
+        timeout: httpx.Timeout,
+    ) -> None:
+        """Apply a reloaded file's options to the requests that start from now on; the requests
+        in flight finish as they began. Each argument is the constructor's (``None`` turns the
+        feature off) and each is given, changed or not:
+
+        - ``sticky``: new cookies are signed with the newest key; a cookie is accepted if any
+          key given here signed it (keep the old key listed to keep its clients).
+        - ``health_check``: when it differs, every upstream's probes start again with it; turned
+          off, the upstreams it held down come back.
+        - ``passive_health_check``: when it differs (or the active check comes or goes, which
+          decides how an ejection ends), the counting starts afresh and the upstreams the old
+          one held down come back.
+        - ``retry``: when it differs, with a fresh budget (the counts by reason are kept).
+        - ``timeout``: the proxy's own client's, and the created httpx client's.
+        """
+        for option, value, kind in (
+            ("sticky", sticky, StickyCookie),
+            ("health_check", health_check, HealthCheck),
+            ("passive_health_check", passive_health_check, PassiveHealthCheck),
+            ("retry", retry, Retry),
+            ("timeout", timeout, httpx.Timeout),
+        ):
+            check_instance(option, value, kind)
+        self.sticky = sticky.named_for(self.name) if sticky is not None else None
+        retry = retry if retry is not None and retry.enabled else None
+        if retry != self.retry:
+            self.retry = retry
+            self._budget = RetryBudget.of(retry) if retry is not None else None
+        if timeout != self._timeout:
+            self._timeout = timeout
+            if self._lean is not None:
+                self._lean.retime(timeout)
+            if self._owns_client and self._client is not None:
+                self._client.timeout = timeout
+        active_changed = (health_check is None) != (self.health_check is None)
+        if health_check != self.health_check:
+            self._restart_active_checks(health_check)
+        if passive_health_check != self.passive_health_check or (
+            active_changed and passive_health_check is not None
+        ):
+            self._restart_passive_check(passive_health_check)
+
+    def _restart_active_checks(self, health_check: HealthCheck | None) -> None:
+        for member in self._members:
+            if member.watcher is not None:
+                member.watcher.cancel()
+                member.watcher = None
+        self.health_check = health_check
+        if health_check is None:  # nothing will clear what the old probes concluded
+            for member in self._members:
+                if member.server is not None:
+                    report_status(
+                        self.balancer, member.name, True, "active", "active check removed"
+                    )
+        task_group = self._task_group
+        if task_group is not None:
+            for member in self._members:
+                self._watch(member, task_group)
+
+    def _restart_passive_check(self, passive_health_check: PassiveHealthCheck | None) -> None:
+        if self.passive is not None:
+            self.passive.stop("passive check replaced")
+        self.passive_health_check = passive_health_check
+        self.passive = None
+        if passive_health_check is not None:
+            self.passive = passive_health_check.start(
+                self.balancer,
+                active_recovery=self.health_check is not None,
+                tell_others=self._tell_ejection,
+            )
+            if self._task_group is not None:
+                self._task_group.start_soon(
+                    keep_running, "the passive check", self.passive.run, logger
+                )
+        self._members.passive = self.passive

@@ -141,6 +141,10 @@ class StickyCookie:
                 return found
         return None
 
+    def sent_in(self, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        """Whether a request carries this cookie at all (valid or not)."""
+        return bool(self._cookie_values(headers))
+
     def set_cookie_header(self, server: str) -> tuple[bytes, bytes]:
         """A ``Set-Cookie`` header sending the client to ``server`` from now on."""
         value = self._signer.sign(server_id(server))

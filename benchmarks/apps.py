@@ -24,6 +24,16 @@ def ours() -> Any:
     return LeastTimeProxy(upstreams=upstreams())
 
 
+def ours_with_access_log(format: str = "text") -> Any:
+    """asgi-leasttime with its access log on (the caller sets up where the lines go)."""
+    from asgi_leasttime import LeastTimeProxy
+    from asgi_leasttime.access_log import AccessLog
+
+    proxy = LeastTimeProxy(upstreams=upstreams())
+    proxy.observe_requests(AccessLog(format))  # type: ignore[arg-type]
+    return proxy
+
+
 def ours_with_state() -> Any:
     """asgi-leasttime with its state on the Redis or Valkey server at ``BENCH_STATE_URL``."""
     from asgi_leasttime import LeastTimeProxy

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import statistics
 import time
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvloop
-from apps import minimal_lean, ours
+from apps import minimal_lean, ours, ours_with_access_log
 from harness import require, start_upstreams
 
 from asgi_leasttime import _lean
@@ -83,6 +84,7 @@ async def _send_from_memory(
     headers: Any,
     body: Any,
     https: bool = False,
+    address: str | None = None,
 ) -> _MemoryResponse:
     _lean._request_head(method, target, headers, host, port, chunked=False)
     return _MemoryResponse()
@@ -98,6 +100,22 @@ def answered_from_memory() -> Iterator[None]:
         yield
     finally:
         _lean.LeanClient.send = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def access_log_to_devnull() -> Iterator[None]:
+    """The access log as ``serve`` writes it (a queue in front of its handler), to /dev/null."""
+    from asgi_leasttime.access_log import log_without_blocking, logger
+
+    with open(os.devnull, "w") as sink:
+        handler = logging.StreamHandler(sink)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            with log_without_blocking(logger):
+                yield
+        finally:
+            logger.removeHandler(handler)
 
 
 async def _requests(app: Any, concurrency: int, count: int) -> None:
@@ -180,6 +198,12 @@ def main() -> None:
     for name, factory in proxies.items():
         with answered_from_memory():
             print(f"| {name} | {microseconds_from_memory(factory(), args.requests):.2f} |")
+    for format in ("text", "json"):
+        with answered_from_memory(), access_log_to_devnull():
+            cost = microseconds_from_memory(ours_with_access_log(format), args.requests)
+        print(
+            f"| asgi-leasttime, access log ({format}, through a queue to /dev/null) | {cost:.2f} |"
+        )
     for name, part in parts_of_ours().items():
         seconds = min(timeit.repeat(part, number=100_000, repeat=5)) / 100_000
         print(f"| ours, alone: {name} | {seconds * 1e6:.2f} |")

@@ -12,13 +12,21 @@ from typing import Any
 
 import pytest
 
-from asgi_leasttime import DnsResolver, HealthCheck, LeastTimeProxy, PassiveHealthCheck, StickyCookie, Upstream
+from asgi_leasttime import (
+    DnsResolver,
+    HealthCheck,
+    LeastTimeProxy,
+    PassiveHealthCheck,
+    StickyCookie,
+    Upstream,
+)
 from asgi_leasttime.cli import main
 from asgi_leasttime.client import limits, timeouts
 from asgi_leasttime.config import (
     TABLES,
     AdminOptions,
     ConfigError,
+    LogOptions,
     ServerOptions,
     load_config,
     parse_config,
@@ -215,6 +223,7 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("server", "freeze_gc"): False,
     ("server", "cert_file"): TLS + "client-and-key.pem",
     ("server", "key_file"): TLS + "client.key",
+    ("server", "watch"): True,
     ("balancer", "mode"): "traefik",
     ("balancer", "pass_host_header"): False,
     ("balancer", "trusted_proxies"): ["10.0.0.0/8", "::1"],
@@ -279,6 +288,9 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("dns", "resolve_every"): 7.5,
     ("dns", "min_resolve_every"): 2.0,
     ("dns", "timeout"): 1.5,
+    ("log", "access"): "json",
+    ("log", "access_headers"): ["x-request-id"],
+    ("log", "traces"): True,
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -318,6 +330,8 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("upstream", "address"): "api.internal",
     ("dns", "nameservers"): ["dns.internal"],
     ("dns", "resolve_every"): 0,
+    ("log", "access"): "xml",
+    ("log", "access_headers"): ["Cookie"],
 }
 
 
@@ -350,6 +364,7 @@ def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "tls": UpstreamTLS,
         "retry": Retry,
         "dns": DnsResolver,
+        "log": LogOptions,
     }
     return constructors[table](**options)
 
@@ -389,6 +404,7 @@ def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "tls": lambda: proxy.tls,
         "retry": lambda: proxy.retry,
         "dns": lambda: proxy.dns,
+        "log": lambda: config.log_options({}),
     }
     return views[table]()
 

@@ -338,3 +338,21 @@ async def test_a_reload_adds_removes_and_reweighs_and_leaves_the_apis_alone(
         proxy.reconcile_upstreams([Upstream("http://127.0.0.1:1", name="a")])
         await anyio.sleep(0.5)  # a lookup falls due: nothing comes back for "api"
         assert {s.name for s in proxy.upstream_status()} == {"a", "by-hand"}
+
+
+async def test_a_websocket_reaches_the_address_it_was_given(
+    dns: tuple[ControlledDns, str],
+) -> None:
+    from websockets.asyncio.client import connect
+
+    from tests.servers import running
+
+    server, nameserver = dns
+    server.records[NAME] = ["127.0.0.3"]
+    with pods({"127.0.0.3": 0.0}) as (port, _):
+        proxy = dns_proxy(port, nameserver)
+        async with running(proxy, lifespan="on") as url:
+            ws_url = url.replace("http://", "ws://") + "/socket"
+            async with connect(ws_url, proxy=None, open_timeout=5) as socket:
+                hello = await socket.recv()
+    assert hello == "hello from 127.0.0.3 q="

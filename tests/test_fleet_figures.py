@@ -160,6 +160,7 @@ WORKER_AND_SUPERVISOR = """
 import json, sys
 from asgi_leasttime import LeastTimeProxy, Upstream
 from asgi_leasttime.metrics import AdminApp, RequestMetrics
+from asgi_leasttime.records import RequestRecord
 from asgi_leasttime.redis_state import RedisState
 
 def proxy(report_every):
@@ -168,10 +169,14 @@ def proxy(report_every):
                           report_every=report_every))
 
 worker = RequestMetrics(proxy(1.0))  # what a worker of serve --workers N counts
-worker.observe("GET", 200, "http", 0.01)
-worker.attempt_failed("refused", "retried")
-worker.attempt_failed("refused", "retried")
-worker.attempt_failed("timeout", "budget")
+record = RequestRecord({"method": "GET", "headers": []}, 0.0)
+record.status, record.duration, record.upstream, record.upstream_status = 200, 0.01, "a", 200
+record.attempts = 3
+record.failed_attempts = [("a", "refused", "retried"), ("b", "refused", "retried")]
+worker.finished(record)
+record.failed_attempts = [("a", "timeout", "budget")]
+record.attempts = 1
+worker.finished(record)
 supervisor = AdminApp(proxy(None))
 status, _, body = supervisor.render_metrics()
 print(json.dumps([status, body.decode(), json.loads(supervisor.render_status())["retries"]]))
@@ -189,6 +194,8 @@ def test_the_supervisor_adds_up_the_workers_counters(tmp_path: Path) -> None:
     status, metrics, retries = json.loads(finished.stdout)
     assert status == 200
     assert 'asgi_leasttime_service_requests_total{code="200",method="GET"' in metrics
+    assert 'asgi_leasttime_server_ttfb_seconds_count{server="a"' not in metrics  # no ttfb given
+    assert 'asgi_leasttime_server_request_duration_seconds_count{code_class="2xx"' in metrics
     assert 'asgi_leasttime_retries_total{outcome="retried",reason="refused"' in metrics
     assert 'asgi_leasttime_server_requests_total{server="a"' in metrics  # the fleet's, as before
     assert retries == {"refused": {"retried": 2}, "timeout": {"budget": 1}}

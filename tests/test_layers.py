@@ -14,14 +14,14 @@ PACKAGE = Path(asgi_leasttime.__file__).parent
 LAYERS: list[set[str]] = [
     # Leaves: types, options, and helpers that know nothing of the rest.
     {"types", "options", "errors", "_sweeper", "_tasks", "_logging", "_paths", "_serving",
-     "_private_store", "dashboard", "_extras"},
+     "_private_store", "dashboard", "_extras", "records"},
     # What an upstream is and how it is reached, as options.
-    {"upstream", "tls", "_headers", "retry"},
+    {"upstream", "tls", "_headers", "retry", "access_log", "load_reports"},
     # The balancing core: sans-IO.
     {"balancer", "lease", "status", "sticky"},
     # Health, state and transport: each knows the core, none knows the proxy.
     {"health", "state", "redis_state", "workers_state", "client", "_lean", "_httpx",
-     "_websocket"},
+     "_websocket", "tracing"},
     # The one owner of a proxy's upstreams, and what keeps DNS names' addresses in it.
     {"upstreams"},
     {"discovery"},
@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"proxy"},
     {"middleware", "admin", "metrics", "demo"},
     # The command line, and the package's names.
-    {"config", "cli", "__init__"},
+    {"config", "reload", "cli", "__init__"},
 ]  # fmt: skip
 
 

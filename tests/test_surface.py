@@ -16,6 +16,7 @@ PUBLIC_MODULES = {
     "metrics", "middleware",
     "options", "proxy", "redis_state", "state", "status", "sticky", "tls", "types", "upstream",
     "upstreams", "errors", "retry", "workers_state", "discovery",
+    "records", "access_log", "tracing", "load_reports", "reload",
 }  # fmt: skip
 
 
