@@ -383,8 +383,10 @@ class _Pool:
         limits: httpx.Limits,
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.name = name or host  # the Host a request without one is sent with
         # Sessions are kept per pool, so one is only offered to the server that issued it.
         self.tls = _ResumingContext(tls) if tls is not None else None
         self.resumed = 0  # new connections whose TLS session was resumed, not made afresh
@@ -597,12 +599,31 @@ class LeanClient:
     ) -> LeanResponse:
         """Send one request (over TLS if ``https``, to ``address`` if given, else to ``host``
         resolved); raises the proxy's :mod:`~asgi_leasttime.errors` for what goes wrong."""
+        pool = self.pool(host, port, https, address)
+        return await self.send_to(pool, method, target, headers, body)
+
+    def pool(self, host: str, port: int, https: bool = False, address: str | None = None) -> _Pool:
+        """The connections to one origin, made on first use. The proxy's openers keep theirs
+        (:meth:`send_to`): one lookup less on every request; a pool retired since (the client
+        closed, the upstream removed) is not to be used again."""
         pool = self._pools.get((host, port, https, address))
         if pool is None:
             context = self.tls.context if https else None
             server_name = self.tls.server_name or host  # the name, not the address it has
-            pool = _Pool(address or host, port, self.limits, context, server_name)
+            pool = _Pool(address or host, port, self.limits, context, server_name, host)
             self._pools[(host, port, https, address)] = pool
+        return pool
+
+    async def send_to(
+        self,
+        pool: _Pool,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+    ) -> LeanResponse:
+        """:meth:`send` on a pool in hand."""
+        host = pool.name
         unsafe = body is not None and method not in IDEMPOTENT
         connection = pool.take_idle(unsafe) or await pool.connect(self.timeout, unsafe)
         shown_port = pool.shown_port

@@ -199,6 +199,7 @@ class LeastTimeProxy:
             pass_server_header=pass_server_header,
         )
         self._observers: tuple[RequestObserver, ...] = ()  # see observe_requests()
+        self._recording: dict[Exchange, RequestRecord] = {}  # observed requests in flight
         self._users = 0  # lifespans entered and not left
         self._all_left: anyio.Event | None = None
         self._stopping: anyio.Event | None = None  # set once the last user's teardown is over
@@ -699,11 +700,10 @@ class LeastTimeProxy:
             record.attempts = 1
             record.upstream_status = record.status if record.status != 499 else None
             return
+        self._recording.pop(exchange, None)
         record.upstream_status = exchange.status
         record.ttfb = exchange.ttfb
         record.attempts = 1 + exchange.retries
-        if exchange.failures:
-            record.failed_attempts = exchange.failures
 
     async def _forward(
         self,
@@ -761,7 +761,7 @@ class LeastTimeProxy:
                 self.retry,
             )  # positional: keywords cost on every request
             if record is not None:
-                exchange.failures = []
+                self._recording[exchange] = record
             await exchange.run(target)
             if exchange.failed:
                 exchange.lease.failed()
@@ -855,9 +855,9 @@ class LeastTimeProxy:
 
     def _attempt_failed(self, exchange: Exchange, name: str, reason: str, outcome: str) -> None:
         self.retry_counts.count(reason, outcome)
-        failures = exchange.failures
-        if failures is not None:  # the request is observed
-            failures.append((name, reason, outcome))
+        record = self._recording.get(exchange)
+        if record is not None:  # the request is observed
+            record.failed_attempts.append((name, reason, outcome))
 
     def _opener(self, upstream: Upstream) -> Opener:
         """How requests reach an upstream with a URL: made once, when the upstream is added."""
@@ -866,12 +866,16 @@ class LeastTimeProxy:
         if lean is not None:
             host, port, base_path = upstream.host, upstream.port, upstream.base_path
             https, address = upstream.url.scheme == "https", upstream.address
-            send = lean.send
+            send_to, pool_of = lean.send_to, lean.pool
+            pool = pool_of(host, port, https, address)
 
             def open_upstream(
                 method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
             ) -> Coroutine[Any, Any, LeanResponse]:
-                return send(method, host, port, base_path + target, headers, body, https, address)
+                nonlocal pool
+                if pool.retired:  # the client was closed (a lifespan ended): a fresh one
+                    pool = pool_of(host, port, https, address)
+                return send_to(pool, method, base_path + target, headers, body)
 
             return self._traced(open_upstream, upstream)
         if upstream.address is not None or upstream.resolve:

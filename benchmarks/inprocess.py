@@ -90,16 +90,29 @@ async def _send_from_memory(
     return _MemoryResponse()
 
 
+async def _send_to_from_memory(
+    self: _lean.LeanClient, pool: Any, method: str, target: bytes, headers: Any, body: Any
+) -> _MemoryResponse:
+    _lean._request_head(method, target, headers, pool.name, pool.shown_port, chunked=False)
+    return _MemoryResponse()
+
+
 @contextlib.contextmanager
 def answered_from_memory() -> Iterator[None]:
-    """Every LeanClient made inside answers from memory (ours captures ``send`` when an
-    upstream is added, so the app is made inside too)."""
-    real = _lean.LeanClient.send
-    _lean.LeanClient.send = _send_from_memory  # type: ignore[method-assign,assignment]
+    """Every LeanClient made inside answers from memory (ours captures ``send_to`` when an
+    upstream is added, so the app is made inside too; ``send`` in the trees before it)."""
+    patched = {"send": _send_from_memory, "send_to": _send_to_from_memory}
+    real = {name: getattr(_lean.LeanClient, name, None) for name in patched}
+    for name, stand_in in patched.items():
+        setattr(_lean.LeanClient, name, stand_in)
     try:
         yield
     finally:
-        _lean.LeanClient.send = real  # type: ignore[method-assign]
+        for name, method in real.items():
+            if method is None:
+                delattr(_lean.LeanClient, name)
+            else:
+                setattr(_lean.LeanClient, name, method)
 
 
 @contextlib.contextmanager
