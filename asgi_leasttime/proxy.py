@@ -8,7 +8,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -648,30 +648,36 @@ class LeastTimeProxy:
         # A plain function handing over a coroutine: one frame less on every request.
         if not self._observers:
             return self._forward(scope, receive, send, fallback)
-        return self._observed(scope, receive, send, fallback)
+        return self._observed(self._forward, "http", scope, receive, send, fallback)
 
     async def _observed(
-        self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
+        self,
+        relay: Callable[..., Awaitable[None]],
+        protocol: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        fallback: ASGIApp | None,
     ) -> None:
-        record = RequestRecord(scope, time.time())
+        """``relay`` (the HTTP or the WebSocket path) with a record made, for the observers."""
+        record = RequestRecord(scope, time.time(), protocol)
         started = time.perf_counter()
 
         async def observed_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "http.response.body":
-                record.bytes_sent += len(message.get("body", b""))
-            elif kind == "http.response.start":
-                record.status = message["status"]
+            record.saw(message)
             await send(message)
 
         try:
-            await self._forward(scope, receive, observed_send, fallback, record)
+            await relay(scope, receive, observed_send, fallback, record)
         finally:
             record.duration = time.perf_counter() - started
             self._tell_observers(record)
 
     def _tell_observers(self, record: RequestRecord) -> None:
         scope = record.scope
+        if record.protocol == "websocket" and record.upstream is not None:
+            # The handshake's answer, relayed as it came.
+            record.upstream_status = record.status if record.status != 499 else None
         record.client = self.request_headers.client_address(scope)
         sticky = self.sticky
         if sticky is not None and record.upstream is not None:
@@ -933,29 +939,7 @@ class LeastTimeProxy:
         if not self._observers:
             await self._relay_websocket(scope, receive, send, fallback)
             return
-        record = RequestRecord(scope, time.time(), "websocket")
-        started = time.perf_counter()
-
-        async def observed_send(message: Message) -> None:
-            kind = message["type"]
-            if kind == "websocket.send":
-                data = message.get("bytes") or message.get("text", "").encode()
-                record.bytes_sent += len(data)
-            elif kind == "websocket.accept":
-                record.status = 101
-            elif kind == "websocket.close" and record.status == 499:
-                record.status = 403  # the handshake refused (as uvicorn answers it)
-            elif kind == "websocket.http.response.start":
-                record.status = message["status"]
-            await send(message)
-
-        try:
-            await self._relay_websocket(scope, receive, observed_send, fallback, record)
-        finally:
-            record.duration = time.perf_counter() - started
-            if record.upstream is not None and record.status != 499:
-                record.upstream_status = record.status  # the handshake's answer, relayed
-            self._tell_observers(record)
+        await self._observed(self._relay_websocket, "websocket", scope, receive, send, fallback)
 
     async def _relay_websocket(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from asgi_leasttime.types import Scope
+from asgi_leasttime.types import Message, Scope
 
 __all__ = ["Attempt", "RequestObserver", "RequestRecord"]
 
@@ -78,6 +78,20 @@ class RequestRecord:
         self.sticky: str | None = None
         """With sticky sessions: ``kept`` (the cookie's upstream answered), ``new`` (no
         cookie) or ``moved`` (a cookie whose upstream could not take it)."""
+
+    def saw(self, message: Message) -> None:
+        """What a message sent to the client tells: the status, the bytes of the body."""
+        kind = message["type"]
+        if kind == "http.response.body":
+            self.bytes_sent += len(message.get("body", b""))
+        elif kind == "http.response.start" or kind == "websocket.http.response.start":
+            self.status = message["status"]
+        elif kind == "websocket.send":
+            self.bytes_sent += len(message.get("bytes") or message.get("text", "").encode())
+        elif kind == "websocket.accept":
+            self.status = 101
+        elif kind == "websocket.close" and self.status == 499:
+            self.status = 403  # the handshake refused, as uvicorn answers it
 
 
 class RequestObserver(Protocol):

@@ -74,12 +74,21 @@ def process_on_port(
         wait_for_port(port, process)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
+
+
+def stop_process(
+    process: subprocess.Popen[Any], sent: int = signal.SIGTERM, limit: float = 15
+) -> None:
+    """Stop ``process`` with ``sent``, and SIGKILL if it has not ended within ``limit`` s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sent)
+    try:
+        process.wait(limit)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 @contextlib.asynccontextmanager

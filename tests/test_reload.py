@@ -28,6 +28,7 @@ from tests.servers import (
     free_port,
     running,
     running_in_thread,
+    stop_process,
     wait_for_port,
     wait_until,
 )
@@ -80,13 +81,7 @@ def serving(*args: str, env: dict[str, str] | None = None, workers: int = 1) -> 
         served.wait_for("Application startup complete", workers, limit=20)
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_process(process, signal.SIGINT, 20)
         reader.join(5)
 
 
