@@ -161,6 +161,17 @@ class AccessLog:
         return json.dumps(document, ensure_ascii=True)
 
 
+class _Handover(logging.handlers.QueueHandler):
+    """A queue handler that hands each record over as it is: the listener's handlers format it
+    (the standard one formats and copies every record first, on the event loop's time)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if record.exc_info or record.args:  # not the access log's own: as the standard does
+            prepared: logging.LogRecord = super().prepare(record)
+            return prepared
+        return record
+
+
 @contextlib.contextmanager
 def log_without_blocking(target: logging.Logger = logger) -> Iterator[None]:
     """While inside, ``target``'s handlers run on a thread of their own, behind a queue: the
@@ -169,7 +180,7 @@ def log_without_blocking(target: logging.Logger = logger) -> Iterator[None]:
     handlers = list(target.handlers)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
-    front = logging.handlers.QueueHandler(records)
+    front = _Handover(records)
     for handler in handlers:
         target.removeHandler(handler)
     target.addHandler(front)
