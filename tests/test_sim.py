@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 
 from benchmarks.sim.engine import simulate
-from benchmarks.sim.policies import LARGE_POOL_POLICIES, POLICIES
+from benchmarks.sim.policies import (
+    LARGE_POOL_POLICIES,
+    POLICIES,
+    REPORT_POLICIES,
+    REPORTS,
+    LeastTimeWithReports,
+)
 from benchmarks.sim.run import metrics_of, share_between
 from benchmarks.sim.scenarios import (
+    bursts,
     cold_join,
     degrade_and_recover,
     fail_fast,
     large_pool_one_balancer,
+    reporting,
     slow_then_recovered,
 )
 
@@ -57,3 +66,29 @@ def test_a_recovered_server_gets_its_share_back_whatever_stale_after() -> None:
         scenario = slow_then_recovered(stale_after)
         result = metrics_of(scenario, simulate(scenario, POLICIES["default"], seed=1))
         assert result["recover s"] <= 15
+
+
+def test_load_reports_change_nothing_for_one_balancer() -> None:
+    # Alone, a balancer's own count is the server's: the others' part of a report is 0.
+    scenario = replace(reporting(bursts(1), 1), duration=5.0)
+    blind = metrics_of(scenario, simulate(scenario, REPORT_POLICIES["default"], seed=1))
+    reports = simulate(scenario, REPORT_POLICIES["default + reports"], seed=1)
+    assert metrics_of(scenario, reports) == blind
+
+
+def test_a_load_report_only_adds_what_is_above_the_usual_and_fades() -> None:
+    now = [0.0]
+    policy = LeastTimeWithReports(["a", "b"], lambda: now[0], random.Random(1), **REPORTS)
+    server = policy.by_name["a"]
+    answering = policy.balancer.lease(server)  # the request whose answer carries the reports
+    for _ in range(50):  # the others usually have 1 request in flight on "a"
+        policy.reported("a", 1)
+    assert server.inflight_elsewhere == 0
+    policy.reported("a", 0)  # fewer than usual: never lower than no report
+    assert server.inflight_elsewhere == 0
+    policy.reported("a", 6)  # 5 more than usual: counted in full while fresh
+    assert 4.5 < server.inflight_elsewhere <= 5
+    now[0] = 1.0  # long after: as if never reported
+    policy.pick().release()
+    assert server.inflight_elsewhere == 0
+    answering.release()

@@ -52,6 +52,14 @@ class Scenario:
     share_every: float = 0.0
     share_delay: float = 0.005
     options: dict[str, Any] = field(default_factory=dict)  # for the default mode's Balancer
+    # Load reports (ORCA, gRFC A51): each answer carries its server's requests in flight from
+    # every balancer (queued or served, the answered one left out), taken as the answer leaves
+    # the server; only the balancer that gets the answer sees it. Only policies with
+    # ``reported`` take part. Those with ``probe`` too (Prequal-style probes) are asked after
+    # every pick which servers to probe (names), whose count is read ``probe_rtt / 2``
+    # later and handed to ``probed(name, count, taken_at)`` after ``probe_rtt``.
+    reports: bool = False
+    probe_rtt: float = 0.001
 
 
 @dataclass
@@ -127,6 +135,8 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
     sharing = scenario.share_every > 0 and hasattr(balancers[0], "report")
     if sharing:
         schedule(scenario.share_every, "report", None)
+    reporting = scenario.reports and hasattr(balancers[0], "reported")
+    probing = reporting and hasattr(balancers[0], "probe")
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
@@ -140,6 +150,9 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
             per_tick[tick] += 1
             if name not in answered:
                 before_first_answer[name] += 1
+            if probing:
+                for target in balancer.probe():
+                    schedule(now + scenario.probe_rtt / 2, "probe", (balancer, target))
             request = [now, balancer, server, model, False]
             if model.fails(now):
                 request[4] = True
@@ -153,6 +166,11 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
             arrived, balancer, server, model, fast_failure = payload
             ttfb = now - arrived
             answered.add(model.name)
+            if reporting:
+                # What the server has in flight once this answer leaves: the request answered
+                # is no longer counted (a fast failure never held a worker nor a queue place).
+                left = model.busy + len(model.queue) - (0 if fast_failure else 1)
+                balancer.reported(model.name, left)
             if fast_failure:
                 failures += 1
                 balancer.failed(server, ttfb)
@@ -164,6 +182,13 @@ def simulate(scenario: Scenario, policy_factory: Callable[..., Any], seed: int) 
                 if model.queue:
                     start(model, model.queue.popleft())
             balancer.done(server)
+        elif kind == "probe":
+            balancer, target = payload
+            count = by_name[target].busy + len(by_name[target].queue)
+            schedule(now + scenario.probe_rtt / 2, "probed", (balancer, target, count))
+        elif kind == "probed":
+            balancer, target, count = payload
+            balancer.probed(target, count, now - scenario.probe_rtt / 2)
         elif kind == "join":
             for balancer in balancers:
                 balancer.add(payload)

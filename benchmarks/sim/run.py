@@ -1,6 +1,9 @@
 """Run the scenarios for every policy on the same seeds, and print medians with 95% intervals.
 
     python -m benchmarks.sim.run [--seeds 10] [--only NAME-PART] [--jobs 2]
+        [--with-reports "default + reports"]
+
+``--only "load reports"``: the load-report (ORCA) scenarios and their summary table.
 
 From the repository's root. Each run drives the real Balancer (modes "leasttime" and "traefik");
 round robin, P2C least-request and P2C + peak-EWMA are written in benchmarks/sim/policies.py.
@@ -15,10 +18,11 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 from .engine import TICKS, Result, Scenario, percentile, simulate
-from .policies import LARGE_POOL_POLICIES, POLICIES, Factory
-from .scenarios import all_scenarios
+from .policies import LARGE_POOL_POLICIES, POLICIES, REPORT_POLICIES, Factory
+from .scenarios import REPORTS_K, all_scenarios
 
 
 def share_between(result: Result, name: str, start: float, end: float) -> float:
@@ -88,16 +92,28 @@ PAIRED = ("p50 ms", "p99 ms", "p99.9 ms")  # compared seed by seed: default / ea
 RIVALS = ("traefik", "p2c-peak-ewma")
 
 
-def policies_of(scenario: Scenario) -> dict[str, Factory]:
+def policies_of(scenario: Scenario, with_reports: str | None = None) -> dict[str, Factory]:
+    if with_reports:
+        # Every scenario with load reports on, and the default mode scoring with them.
+        policies = {**POLICIES, **LARGE_POOL_POLICIES} if scenario.large_pool else POLICIES
+        return {**policies, "default": REPORT_POLICIES[with_reports]}
+    if scenario.reports:
+        # Traefik only for one balancer: with several it is not a contender (the large pool's
+        # p50 at K = 8 is 22 s), and it is the slowest to simulate.
+        traefik = {"traefik": POLICIES["traefik"]} if scenario.balancers == 1 else {}
+        return {**REPORT_POLICIES, **traefik}
     return {**POLICIES, **LARGE_POOL_POLICIES} if scenario.large_pool else POLICIES
 
 
-def one_run(job: tuple[int, str, int]) -> dict[str, float]:
+def one_run(job: tuple[int, str, int, str | None]) -> dict[str, float]:
     """One scenario (by its index in all_scenarios), one policy, one seed: in a worker process,
     since scenarios hold lambdas and do not pickle."""
-    index, policy, seed = job
+    index, policy, seed, with_reports = job
     scenario = all_scenarios()[index]
-    return metrics_of(scenario, simulate(scenario, policies_of(scenario)[policy], seed))
+    if with_reports:
+        scenario = replace(scenario, reports=True)
+    factory = policies_of(scenario, with_reports)[policy]
+    return metrics_of(scenario, simulate(scenario, factory, seed))
 
 
 def ratio(ours: float, theirs: float) -> float:
@@ -107,7 +123,8 @@ def ratio(ours: float, theirs: float) -> float:
 
 
 def tabulate(runs: dict[str, list[dict[str, float]]]) -> tuple[Table, Table]:
-    """The table of medians, and the paired ratios default / rival of the latencies."""
+    """The table of medians, and the paired ratios default / rival of the latencies (the rivals
+    of :data:`RIVALS` that ran, or the report policies against the blind default)."""
     rng = random.Random(0)
     table = {
         policy: {k: median_and_interval([m[k] for m in per_seed], rng) for k in per_seed[0]}
@@ -127,6 +144,7 @@ def tabulate(runs: dict[str, list[dict[str, float]]]) -> tuple[Table, Table]:
             for k in PAIRED
         }
         for rival in RIVALS
+        if rival in runs
     }
     return table, paired
 
@@ -145,6 +163,8 @@ def print_table(scenario: Scenario, table: Table, paired: Table) -> None:
     print("|---|" + "---|" * len(columns))
     for policy, values in table.items():
         print(f"| {policy} | " + " | ".join(fmt(values[c]) for c in columns) + " |")
+    if not paired:
+        return
     print("\nSeed by seed, default / rival (below 1: default is faster):\n")
     print("| rival | " + " | ".join(PAIRED) + " |")
     print("|---|" + "---|" * len(PAIRED))
@@ -155,12 +175,15 @@ def print_table(scenario: Scenario, table: Table, paired: Table) -> None:
 def print_bar(results: list[tuple[Scenario, Table]]) -> None:
     """Every scenario's paired median ratios in one table, the ones above 1 in bold."""
     print("\n### The bar: default / rival, paired median ratio (above 1 in bold)\n")
-    print("(Scenarios with load shared between balancers are left out: no such sharing ships.)\n")
+    print(
+        "(Scenarios with load shared between balancers, and with load reports, are left out:"
+        " no such sharing ships; the load reports have their own table.)\n"
+    )
     heads = [f"{k.split()[0]} / {rival}" for rival in RIVALS for k in PAIRED]
     print("| scenario | " + " | ".join(heads) + " |")
     print("|---|" + "---|" * len(heads))
     for scenario, paired in results:
-        if scenario.share_every:
+        if scenario.share_every or scenario.reports:
             continue
         cells = []
         for rival in RIVALS:
@@ -170,36 +193,98 @@ def print_bar(results: list[tuple[Scenario, Table]]) -> None:
         print(f"| {scenario.name} | " + " | ".join(cells) + " |")
 
 
+def family_of(scenario: Scenario) -> str:
+    return scenario.name.replace(f", K = {scenario.balancers}, load reports", "")
+
+
+def print_reports(results: list[tuple[Scenario, dict[str, list[dict[str, float]]]]]) -> None:
+    """The load-report scenarios side by side: each family for every K and report policy, its
+    medians, the ratio of each median to one balancer's blind default (the goal: K = 8 within
+    10 %), and the paired ratio seed by seed of the policy to the blind default at the same K
+    (below 1: the reports help)."""
+    by_family: dict[str, dict[int, dict[str, list[dict[str, float]]]]] = {}
+    for scenario, runs in results:
+        if scenario.reports:
+            by_family.setdefault(family_of(scenario), {})[scenario.balancers] = runs
+    if not by_family:
+        return
+    rng = random.Random(0)
+    print("\n### Load reports: K balancers, blind / reports / reports + probes\n")
+    print(
+        "Medians over seeds; \"/ K=1\": the median over one balancer's blind default's;"
+        ' "/ blind": paired seed by seed over the blind default at the same K.\n'
+    )
+    heads = [f"{k.split()[0]}" for k in PAIRED]
+    heads += [f"{k.split()[0]} / K=1" for k in PAIRED]
+    heads += [f"{k.split()[0]} / blind" for k in PAIRED]
+    for family, per_k in by_family.items():
+        print(f"\n#### {family}\n")
+        print("| K | policy | " + " | ".join(heads) + " |")
+        print("|---|---|" + "---|" * len(heads))
+        one = per_k.get(1, {}).get("default")
+        for k in REPORTS_K:
+            if k not in per_k:
+                continue
+            runs = per_k[k]
+            for policy in REPORT_POLICIES:
+                per_seed = runs[policy]
+                medians = [statistics.median(m[q] for m in per_seed) for q in PAIRED]
+                cells = [f"{v:.1f}" for v in medians]
+                for q, median in zip(PAIRED, medians, strict=True):
+                    base = statistics.median(m[q] for m in one) if one else math.nan
+                    cells.append(f"{median / base:.2f}")
+                for q in PAIRED:
+                    ratios = [
+                        ratio(ours[q], blind[q])
+                        for ours, blind in zip(per_seed, runs["default"], strict=True)
+                    ]
+                    cells.append(fmt(median_and_interval(ratios, rng)))
+                print(f"| {k} | {policy} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--only", help="run scenarios whose name contains this")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument(
+        "--with-reports",
+        choices=[p for p in REPORT_POLICIES if p != "default"],
+        help="servers report their load on every answer, and the default mode is this policy"
+        " (the scenarios made for load reports are left out)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     print("Medians over seeds, with 95% bootstrap intervals of the median, same seeds for all.")
     chosen = [
         (index, scenario)
         for index, scenario in enumerate(all_scenarios())
-        if not args.only or args.only in scenario.name
+        if (not args.only or args.only in scenario.name)
+        and not (args.with_reports and scenario.reports)
     ]
+    if args.with_reports:
+        print(f"Load reports on in every scenario; default: {args.with_reports}.")
     jobs = [
-        (index, policy, seed)
+        (index, policy, seed, args.with_reports)
         for index, scenario in chosen
-        for policy in policies_of(scenario)
+        for policy in policies_of(scenario, args.with_reports)
         for seed in range(1, args.seeds + 1)
     ]
     with ProcessPoolExecutor(args.jobs) as pool:
         metrics = iter(pool.map(one_run, jobs, chunksize=1))
     bar = []
+    reports = []
     for _, scenario in chosen:
         runs = {
-            policy: [next(metrics) for _ in range(args.seeds)] for policy in policies_of(scenario)
+            policy: [next(metrics) for _ in range(args.seeds)]
+            for policy in policies_of(scenario, args.with_reports)
         }
         table, paired = tabulate(runs)
         print_table(scenario, table, paired)
         bar.append((scenario, paired))
+        reports.append((scenario, runs))
     print_bar(bar)
+    print_reports(reports)
     print(f"\n({time.perf_counter() - started:.0f} s)")
 
 

@@ -290,4 +290,44 @@ def all_scenarios() -> list[Scenario]:
         flapping(0.6),
         large_pool_one_balancer(),
         *(slow_then_recovered(stale_after) for stale_after in (1, 5, 60, 600)),
+        *report_scenarios(),
     ]
+
+
+def sixty_servers(balancers: int, load: float = 0.85) -> Scenario:
+    """Sixty servers of two workers at ``load``: the scale-out issue's example (#31)."""
+    rate = load * 60 * 2 / MEAN
+    return Scenario(
+        f"60 servers of 2 workers, load {load}, K = {balancers}",
+        lambda: pool(60, 2, exponential(MEAN)),
+        lambda t: rate,
+        10,
+        balancers=balancers,
+        steady=True,
+    )
+
+
+def reporting(scenario: Scenario, balancers: int) -> Scenario:
+    """The scenario for ``balancers`` balancers, its servers putting their load on every
+    answer (ORCA): ``"<scenario>, K = <balancers>, load reports"``."""
+    name = scenario.name.removeprefix("one balancer over ")
+    name = name.replace(f", K = {scenario.balancers} balancers", "")
+    name = name.replace(f", K = {scenario.balancers}", "")
+    return replace(
+        scenario, name=f"{name}, K = {balancers}, load reports", balancers=balancers, reports=True
+    )
+
+
+REPORTS_K = (1, 8, 32)
+
+
+def report_scenarios() -> list[Scenario]:
+    """Each family for K = 1, 8 and 32 balancers, with load reports on the answers."""
+    families = (
+        bursts(1),
+        few_workers(0.9),
+        sixty_servers(1),
+        large_pool(1),
+        large_pool_one_balancer(),
+    )
+    return [reporting(family, k) for family in families for k in REPORTS_K]
