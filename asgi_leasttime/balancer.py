@@ -92,6 +92,13 @@ QUEUEING_PRIOR = 10
 """Default mode: how many samples' worth of Traefik's weight 1 the learned weight is set
 against (see :attr:`Server.queueing`)."""
 
+REPORT_USUAL_WEIGHT = 0.01
+"""How much one load report moves a server's usual count from the other clients."""
+REPORT_TAU_COLD = 0.05
+"""Seconds a report takes to fade by 1/e on a server with no TTFB yet (else its average)."""
+REPORT_STEPS_PER_TAU = 4
+REPORT_LAST_STEP = 12  # 3 tau: under 5 % left, taken as none
+
 SURE_AFTER = 3
 """Default mode: a server with fewer samples since it was cold or stale takes one request at a
 time."""
@@ -188,6 +195,19 @@ class _Queueing:
             self.factor = 1.0
 
 
+class _Report:
+    """What a server's load reports have said (default mode): the others' usual count, and the
+    last excess over it, when it came and how fast it fades."""
+
+    __slots__ = ("at", "excess", "tau", "usual")
+
+    def __init__(self, usual: float) -> None:
+        self.usual = usual
+        self.excess = 0.0
+        self.at = 0.0
+        self.tau = REPORT_TAU_COLD
+
+
 class Server:
     """One server of a :class:`Balancer`, with its read-only statistics.
 
@@ -213,6 +233,8 @@ class Server:
         "_recheck",
         "_refused_until",
         "_refused_wait",
+        "_report",
+        "_reported",
         "_requests",
         "_sample_times",
         "_samples",
@@ -235,6 +257,10 @@ class Server:
         self._deadline = deadline
         self._inflight = 0
         self._elsewhere = 0.0  # requests other processes have in flight on it, as last heard
+        self._reported = (
+            0.0  # default mode: what its load reports add, fading (Balancer.heard_load)
+        )
+        self._report: _Report | None = None
         self._requests = 0
         self._failures = 0
         self._samples = [0.0] * SAMPLE_SIZE
@@ -298,6 +324,12 @@ class Server:
         """Requests other processes sharing this server had in flight, as last heard through
         the shared state (:meth:`Balancer.set_inflight_elsewhere`); 0 when nothing is shared."""
         return self._elsewhere
+
+    @property
+    def reported(self) -> float:
+        """What the server's load reports add to its requests in flight now: the other
+        clients' requests above their usual, fading (:meth:`Balancer.heard_load`)."""
+        return self._reported
 
     @property
     def average(self) -> float:
@@ -441,7 +473,10 @@ class Balancer:
         self._scores: list[float] = []
         self._up_count = 0
         self._current_deadline = 0.0
-        self._next_staleness_check = 0.0
+        self._next_staleness_check = 0.0  # when next_server looks at the clock: the sooner of
+        self._next_stale_check = 0.0  # the next look for stale servers,
+        self._next_fade = math.inf  # and the next step of a load report's fading
+        self._fading: set[Server] = set()
         self.next_return = math.inf
         """When the next server refused (:meth:`refused`) may come back, on :attr:`clock`."""
         self._updaters: list[Callable[[bool], None]] = []
@@ -487,6 +522,7 @@ class Balancer:
         server = self._servers.pop(name, None)
         if server is None:
             raise UnknownServer(name)
+        self._fading.discard(server)
         was_up = self.up
         if server._up:
             self._up_count -= 1
@@ -656,7 +692,7 @@ class Balancer:
                 return self._available[0]
             raise NoAvailableServer
         if not self._traefik and self.clock() >= self._next_staleness_check:
-            self._find_stale_servers()
+            self._on_time()
         if len(scores) > self.exact_up_to:
             return self._available[self._sampled_slot()]
         best = min(scores)
@@ -714,7 +750,7 @@ class Balancer:
 
     def _rescore_leasttime(self, server: Server) -> None:
         if server._count >= SURE_AFTER and not server._stale:
-            inflight = server._inflight + server._elsewhere
+            inflight = server._inflight + server._elsewhere + server._reported
             score = server._average * (1 + server._queueing.factor * inflight) / server._weight
         elif server._inflight:
             # Too little known: one request at a time, so one lucky sample cannot draw a flood.
@@ -727,11 +763,21 @@ class Balancer:
         if server._slot >= 0:
             self._scores[server._slot] = score
 
+    def _on_time(self) -> None:
+        """What falls due with time in the default mode: stale servers, fading reports."""
+        now = self.clock()
+        if now >= self._next_fade:
+            self._fade_reports(now)
+        if now >= self._next_stale_check:
+            self._find_stale_servers()
+        self._next_staleness_check = min(self._next_stale_check, self._next_fade)
+
     def _find_stale_servers(self) -> None:
         """Mark for a probe the servers with no sample for ``stale_after`` seconds, or for their
         recheck wait: one out of favour gets no traffic, so only a probe can show it recovered."""
         now = self.clock()
-        self._next_staleness_check = now + min(self.stale_after, RECHECK_FIRST) / 8
+        self._next_stale_check = now + min(self.stale_after, RECHECK_FIRST) / 8
+        self._next_staleness_check = min(self._next_stale_check, self._next_fade)
         for server in self._available:
             if not server._count or server._stale:
                 continue
@@ -769,6 +815,56 @@ class Balancer:
     def _tell_listeners(self, lease: Lease) -> None:
         for listener in self._outcome_listeners:
             listener(lease)
+
+    def heard_load(self, name: str, inflight: float) -> None:
+        """A load report in a server's answer: its requests in flight, every client's, as the
+        answer left it (ORCA's, see :mod:`asgi_leasttime.load_reports`); called while the
+        answered request is still counted here. The default mode counts what the other clients
+        have there above their usual (a running mean of their share, every report weighing
+        :data:`REPORT_USUAL_WEIGHT`), fading over three of the server's average TTFBs: a report
+        only ever makes a server look busier, and never for long (benchmarks/RESULTS.md, "Load
+        reports"). Traefik mode ignores reports."""
+        server = self._servers.get(name)
+        if server is None or self._traefik or not 0 <= inflight < math.inf:
+            return
+        others = max(0.0, inflight - max(0, server._inflight - 1))
+        report = server._report
+        if report is None:  # the first report sets the usual: it adds nothing
+            server._report = report = _Report(others)
+        report.usual += REPORT_USUAL_WEIGHT * (others - report.usual)
+        now = self.clock()
+        report.excess = max(0.0, others - report.usual)
+        report.at = now
+        report.tau = server._average * server._scale if server._count else REPORT_TAU_COLD
+        self._set_reported(server, report.excess)
+        if report.excess > 0:
+            self._fading.add(server)
+            self._next_fade = min(self._next_fade, now + report.tau / REPORT_STEPS_PER_TAU)
+            self._next_staleness_check = min(self._next_staleness_check, self._next_fade)
+        else:
+            self._fading.discard(server)
+
+    def _fade_reports(self, now: float) -> None:
+        """Each fading report a step further: ``excess * exp(-age / tau)``, by quarters of tau,
+        and none from 3 tau on."""
+        soonest = math.inf
+        for server in tuple(self._fading):
+            report = server._report
+            assert report is not None
+            step = report.tau / REPORT_STEPS_PER_TAU
+            steps = int((now - report.at) / step) if step > 0 else REPORT_LAST_STEP
+            if steps >= REPORT_LAST_STEP:
+                self._fading.discard(server)
+                self._set_reported(server, 0.0)
+                continue
+            self._set_reported(server, report.excess * math.exp(-steps / REPORT_STEPS_PER_TAU))
+            soonest = min(soonest, report.at + (steps + 1) * step)
+        self._next_fade = soonest
+
+    def _set_reported(self, server: Server, reported: float) -> None:
+        if server._reported != reported:
+            server._reported = reported
+            self._rescore(server)
 
     def set_inflight_elsewhere(self, name: str, inflight: float) -> None:
         """Tell the default mode how many requests other processes have in flight on a server:

@@ -38,6 +38,7 @@ from asgi_leasttime.balancer import Balancer
 from asgi_leasttime.client import limits, timeouts
 from asgi_leasttime.discovery import DnsResolver
 from asgi_leasttime.health import HealthCheck, PassiveHealthCheck
+from asgi_leasttime.load_reports import LoadReports
 from asgi_leasttime.options import OptionError, check_fields, check_port, check_positive
 from asgi_leasttime.proxy import LeastTimeProxy
 from asgi_leasttime.redis_state import RedisState
@@ -316,6 +317,7 @@ TABLES: dict[str, Table] = {
     "tls": Table((Part(UpstreamTLS),)),
     "retry": Table((Part(Retry),)),
     "dns": Table((Part(DnsResolver),)),
+    "load_reports": Table((Part(LoadReports),)),
     "timeouts": Table((Part(timeouts),)),
     "limits": Table((Part(limits),)),
     "admin": Table((Part(AdminOptions),)),
@@ -327,7 +329,9 @@ TABLES: dict[str, Table] = {
 }
 """Every table of the file (``upstream`` is one entry of ``[[upstreams]]``)."""
 
-OPTIONAL = frozenset({"sticky", "health_check", "passive_health_check", "admin", "state", "tls"})
+OPTIONAL = frozenset(
+    {"sticky", "health_check", "passive_health_check", "admin", "state", "tls", "load_reports"}
+)
 """Tables that turn their feature on by being present."""
 
 TOP_LEVEL = {*TABLES.keys() - {"upstream"}, "upstreams"}
@@ -418,6 +422,9 @@ class Config:
             retry=Retry(**self.section("retry")),
             dns=DnsResolver(**self.section("dns")),
             tracing=self.tracing() if not relay_only else None,
+            load_reports=LoadReports(**self.section("load_reports"))
+            if "load_reports" in self.optional
+            else None,
         )
         access_log = self.log_options(environ).access_log()
         if access_log is not None and not relay_only:

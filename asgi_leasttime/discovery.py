@@ -189,6 +189,7 @@ class _Group:
             weight=template.weight,
             fenced=template.fenced,
             address=address,
+            load_reports=template.load_reports,
         )
 
 

@@ -18,12 +18,21 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from asgi_leasttime.options import OptionError
-from asgi_leasttime.types import ASGIApp, Message, Receive, Scope, Send
+from asgi_leasttime.options import OptionError, check_fields
+from asgi_leasttime.types import (
+    ASGIApp,
+    Headers,
+    Message,
+    Opener,
+    Receive,
+    Scope,
+    Send,
+    UpstreamResponse,
+)
 
 __all__ = [
     "HEADER",
@@ -31,7 +40,9 @@ __all__ = [
     "BadLoadReport",
     "LoadReport",
     "LoadReportMiddleware",
+    "LoadReports",
     "parse_load_report",
+    "reading_reports",
 ]
 
 HEADER = b"endpoint-load-metrics"
@@ -53,6 +64,67 @@ class LoadReport:
 
     inflight: float | None
     utilization: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadReports:
+    """Read the upstreams' load reports (the default mode; Traefik's ignores them).
+
+    Arguments:
+        inflight_metrics: the named metrics whose sum is a server's requests in flight
+            (``["inflight"]``, what :class:`LoadReportMiddleware` writes; vLLM:
+            ``["num_requests_running", "num_requests_waiting"]``).
+
+    Given to the proxy, every upstream is trusted to report, except those given with
+    ``load_reports=False``; without it, only those given with ``load_reports=True``. A trusted
+    upstream's report header is taken off its answers before the client sees them.
+    """
+
+    inflight_metrics: Sequence[str] = ("inflight",)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inflight_metrics, str):
+            raise OptionError("inflight_metrics", "must be a list of metric names")
+        check_fields(self)
+        object.__setattr__(self, "inflight_metrics", tuple(self.inflight_metrics))
+        if not self.inflight_metrics or not all(self.inflight_metrics):
+            raise OptionError("inflight_metrics", "must name at least one metric")
+
+
+def reading_reports(
+    opener: Opener,
+    options: LoadReports,
+    heard: Callable[[LoadReport], None],
+    refused: Callable[[str], None],
+) -> Opener:
+    """``opener`` for an upstream trusted to report: each answer's report is taken off it and
+    handed to ``heard``; one that does not parse, or several, to ``refused`` with why."""
+    metrics = options.inflight_metrics
+
+    async def opened(
+        method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
+    ) -> UpstreamResponse:
+        response = await opener(method, target, headers, body)
+        raw = response.raw_headers
+        for name, _ in raw:
+            if len(name) == len(HEADER) and name.lower() == HEADER:
+                break
+        else:
+            return response
+        reports = [value for name, value in raw if name.lower() == HEADER]
+        response.raw_headers = [(name, value) for name, value in raw if name.lower() != HEADER]
+        if len(reports) > 1:
+            refused(f"{len(reports)} reports in one answer")
+            return response
+        try:
+            report = parse_load_report(reports[0], metrics)
+        except BadLoadReport as exc:
+            refused(str(exc))
+        else:
+            heard(report)
+        return response
+
+    return opened
 
 
 def parse_load_report(value: bytes, inflight_metrics: Sequence[str] = ("inflight",)) -> LoadReport:

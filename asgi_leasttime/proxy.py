@@ -31,6 +31,7 @@ from asgi_leasttime.health import (
     report_status,
     watch_upstream,
 )
+from asgi_leasttime.load_reports import LoadReport, LoadReports, reading_reports
 from asgi_leasttime.options import OptionError, check_instance
 from asgi_leasttime.records import RequestObserver, RequestRecord
 from asgi_leasttime.retry import Retry, RetryBudget, RetryCounts, reason_of
@@ -56,6 +57,7 @@ logger = logging.getLogger("asgi_leasttime.proxy")
 _retries_refused = RateLimitedLog(logger, 10.0)
 _refusals = RateLimitedLog(logger, 10.0)
 _observer_faults = RateLimitedLog(logger, 10.0)
+_bad_reports = RateLimitedLog(logger, 10.0)
 
 TIMER_STEP = 0.25
 """Seconds between two looks of the lifespan's timer: upstreams that refused come back (their
@@ -128,6 +130,10 @@ class LeastTimeProxy:
             every 5 s). Their addresses are looked up when the lifespan starts.
         tracing: an OpenTelemetry client span for every attempt at an upstream
             (:class:`~asgi_leasttime.tracing.Tracing`, the ``otel`` extra); ``None``: none.
+        load_reports: read the upstreams' ORCA load reports
+            (:class:`~asgi_leasttime.load_reports.LoadReports`): every upstream is trusted to
+            report unless given ``load_reports=False``; ``None``: only those given
+            ``load_reports=True`` are (with the default metric names).
     """
 
     def __init__(
@@ -155,6 +161,7 @@ class LeastTimeProxy:
         pass_server_header: bool = False,
         dns: DnsResolver | None = None,
         tracing: Tracing | None = None,
+        load_reports: LoadReports | None = None,
     ) -> None:
         if app is not None:
             raise TypeError(
@@ -174,6 +181,7 @@ class LeastTimeProxy:
             ("retry", retry, Retry),
             ("dns", dns, DnsResolver),
             ("tracing", tracing, Tracing),
+            ("load_reports", load_reports, LoadReports),
             ("client", client, httpx.AsyncClient),
             ("transport", transport, httpx.AsyncBaseTransport),
         ):
@@ -238,6 +246,7 @@ class LeastTimeProxy:
         if client is not None:
             forget_cookies(client)
         self.tracing = tracing
+        self.load_reports = load_reports
         self.dns = dns if dns is not None else DnsResolver()
         self._discovery = Discovery(self._members, self.dns)
         for upstream in upstreams:
@@ -859,6 +868,23 @@ class LeastTimeProxy:
         self._attempt_failed(exchange, server.name, reason, "retried")
         return True
 
+    def _reporting(self, opener: Opener, upstream: Upstream) -> Opener:
+        """``opener`` reading the upstream's load reports, if it is trusted to report."""
+        options = self.load_reports
+        trusted = upstream.load_reports if upstream.load_reports is not None else options
+        if not trusted:
+            return opener
+        balancer, name = self.balancer, upstream.name
+
+        def heard(report: LoadReport) -> None:
+            if report.inflight is not None and name in balancer:
+                balancer.heard_load(name, report.inflight)
+
+        def refused(why: str) -> None:
+            _bad_reports.warning(name, "load report of upstream %r ignored: %s", name, why)
+
+        return reading_reports(opener, options or LoadReports(), heard, refused)
+
     def _attempt_failed(self, exchange: Exchange, name: str, reason: str, outcome: str) -> None:
         self.retry_counts.count(reason, outcome)
         record = self._recording.get(exchange)
@@ -883,16 +909,18 @@ class LeastTimeProxy:
                     pool = pool_of(host, port, https, address)
                 return send_to(pool, method, base_path + target, headers, body)
 
-            return self._traced(open_upstream, upstream)
+            return self._layered(open_upstream, upstream)
         if upstream.address is not None or upstream.resolve:
             raise OptionError(
                 "resolve" if upstream.resolve else "address",
                 "needs the proxy's own upstream client (upstream_client='lean', no client or "
                 "transport given)",
             )
-        return self._traced(httpx_opener(lambda: self.client, upstream.target_url), upstream)
+        return self._layered(httpx_opener(lambda: self.client, upstream.target_url), upstream)
 
-    def _traced(self, opener: Opener, upstream: Upstream) -> Opener:
+    def _layered(self, opener: Opener, upstream: Upstream) -> Opener:
+        """``opener`` with what the options add: load reports read, attempts traced."""
+        opener = self._reporting(opener, upstream)
         tracing = self.tracing
         if tracing is None:
             return opener

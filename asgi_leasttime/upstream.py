@@ -36,6 +36,9 @@ class Upstream:
         address: the IP address to connect to; the URL's host stays the ``Host`` header (when
             the client's is not passed) and the TLS server name. ``None``: the host is resolved
             at each new connection.
+        load_reports: whether the upstream is trusted to report its load in its answers
+            (:mod:`asgi_leasttime.load_reports`); ``None``: as the proxy's ``load_reports``
+            says.
     """
 
     __slots__ = (
@@ -44,6 +47,7 @@ class Upstream:
         "base_path",
         "fenced",
         "host",
+        "load_reports",
         "name",
         "port",
         "resolve",
@@ -61,6 +65,7 @@ class Upstream:
         fenced: bool = False,
         resolve: bool = False,
         address: str | None = None,
+        load_reports: bool | None = None,
     ) -> None:
         if (url is None) == (app is None):
             raise OptionError(
@@ -91,6 +96,7 @@ class Upstream:
         self.fenced = fenced
         self.resolve = resolve
         self.address = address
+        self.load_reports = load_reports
 
     def __repr__(self) -> str:
         where = f"app={self.app!r}" if self.app is not None else repr(str(self.url))

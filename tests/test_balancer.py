@@ -443,6 +443,53 @@ def test_requests_in_flight_elsewhere_weigh_beside_our_own() -> None:
         balancer.set_inflight_elsewhere("c", 1)
 
 
+def test_a_load_report_adds_the_others_excess_over_their_usual_and_fades() -> None:
+    """ORCA reports (benchmarks/RESULTS.md, "Load reports"): the first sets the usual count of
+    the other clients and adds nothing; one above the usual makes the server look busier for
+    about three of its TTFBs (10 ms here), never less busy than no report would."""
+    clock = FakeClock()
+    balancer = balancer_with("a", "b", clock=clock)
+    answer(balancer, {"a": 0.010, "b": 0.010}, 20)
+    a = balancer["a"]
+    balancer.track(a)  # the answered request is still counted when its report comes
+    balancer.heard_load("a", 2)  # the others have 2 there: their usual, from now on
+    assert a.reported == 0
+    balancer.heard_load("a", 12)  # 10 more than usual
+    balancer.release(a)
+    excess = 12 - (2 + 0.01 * 10)
+    assert a.reported == pytest.approx(excess)
+    assert a.score > balancer["b"].score
+    fading = []
+    for _ in range(14):  # quarter TTFBs
+        clock.now += 0.0025
+        balancer.next_server()
+        fading.append(a.reported)
+    assert fading[0] == pytest.approx(excess * math.exp(-1 / 4))
+    assert fading == sorted(fading, reverse=True)
+    assert fading[10] > 0
+    assert fading[11:] == [0.0, 0.0, 0.0]  # 3 TTFBs on: gone
+    assert a.score == pytest.approx(balancer["b"].score)
+    balancer.heard_load("a", 0)  # below the usual: never better than no report
+    assert a.reported == 0
+
+
+@pytest.mark.parametrize("value", [-1.0, math.inf, math.nan])
+def test_an_absurd_load_report_is_ignored(value: float) -> None:
+    balancer = balancer_with("a")
+    balancer.heard_load("a", 1)
+    balancer.heard_load("a", value)
+    balancer.heard_load("ghost", 5)  # an upstream removed meanwhile: nothing
+    assert balancer["a"].reported == 0
+
+
+def test_traefik_mode_ignores_load_reports() -> None:
+    balancer = Balancer(mode="traefik")
+    balancer.add("a")
+    balancer.heard_load("a", 1)
+    balancer.heard_load("a", 50)
+    assert balancer["a"].reported == 0
+
+
 def test_traefik_mode_ignores_requests_in_flight_elsewhere() -> None:
     balancer = Balancer(mode="traefik")
     balancer.add("a")

@@ -31,6 +31,7 @@ from asgi_leasttime.config import (
     load_config,
     parse_config,
 )
+from asgi_leasttime.load_reports import LoadReports
 from asgi_leasttime.options import OptionError
 from asgi_leasttime.redis_state import RedisState
 from asgi_leasttime.retry import Retry
@@ -291,6 +292,8 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("log", "access"): "json",
     ("log", "access_headers"): ["x-request-id"],
     ("log", "traces"): True,
+    ("upstream", "load_reports"): True,
+    ("load_reports", "inflight_metrics"): ["num_requests_running", "num_requests_waiting"],
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.
@@ -332,6 +335,7 @@ REFUSED: dict[tuple[str, str], Any] = {
     ("dns", "resolve_every"): 0,
     ("log", "access"): "xml",
     ("log", "access_headers"): ["Cookie"],
+    ("load_reports", "inflight_metrics"): [],
 }
 
 
@@ -365,6 +369,7 @@ def direct(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "retry": Retry,
         "dns": DnsResolver,
         "log": LogOptions,
+        "load_reports": LoadReports,
     }
     return constructors[table](**options)
 
@@ -405,6 +410,7 @@ def from_file(table: str, key: str, value: Any, tls_folder: str) -> Any:
         "retry": lambda: proxy.retry,
         "dns": lambda: proxy.dns,
         "log": lambda: config.log_options({}),
+        "load_reports": lambda: proxy.load_reports,
     }
     return views[table]()
 

@@ -154,3 +154,92 @@ async def test_the_middleware_counts_a_request_that_failed_out() -> None:
 def test_a_metric_name_that_would_break_the_header_is_refused() -> None:
     with pytest.raises(OptionError):
         LoadReportMiddleware(lambda *a: None, metric="in flight")  # type: ignore[arg-type]
+
+
+# -- the proxy reading them ----------------------------------------------------------------------
+
+
+async def reporting_upstream(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+    """Answers with the report its query asks for (``?report=...``), or none."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope["query_string"].decode())
+    headers = [(b"content-length", b"2")]
+    for value in query.get("report", []):
+        headers.append((b"Endpoint-Load-Metrics", value.encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+
+async def test_a_trusted_upstreams_reports_reach_the_balancer_and_not_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from asgi_leasttime import LeastTimeProxy
+    from asgi_leasttime.load_reports import LoadReports
+    from tests.servers import running
+
+    reports = [
+        "TEXT named_metrics.inflight=3",
+        'JSON {"named_metrics": {"inflight": 5}}',
+        "TEXT named_metrics.inflight=lots",
+        "TEXT named_metrics.inflight=-4",
+    ]
+    async with running(reporting_upstream) as url:
+        proxy = LeastTimeProxy(upstreams=[url], load_reports=LoadReports())
+        heard: list[float] = []
+        real = proxy.balancer.heard_load
+        proxy.balancer.heard_load = lambda name, n: (heard.append(n), real(name, n))  # type: ignore[method-assign]
+        async with running(proxy) as front, httpx.AsyncClient(base_url=front) as client:
+            answers = [await client.get("/", params={"report": r}) for r in reports]
+            twice = await client.get("/", params={"report": [reports[0], reports[1]]})
+    assert [a.status_code for a in [*answers, twice]] == [200] * 5
+    assert all("endpoint-load-metrics" not in a.headers for a in [*answers, twice])
+    assert heard == [3.0, 5.0]
+    refused = [
+        r.getMessage() for r in caplog.records if "load report of upstream" in r.getMessage()
+    ]
+    assert len(refused) == 1  # one line per upstream per 10 s; the others counted
+    assert "not a number" in refused[0]
+
+
+async def test_an_upstream_not_trusted_keeps_its_report() -> None:
+    from asgi_leasttime import LeastTimeProxy, Upstream
+    from asgi_leasttime.load_reports import LoadReports
+    from tests.servers import running
+
+    async with running(reporting_upstream) as url:
+        proxy = LeastTimeProxy(
+            upstreams=[Upstream(url, load_reports=False)], load_reports=LoadReports()
+        )
+        async with running(proxy) as front, httpx.AsyncClient(base_url=front) as client:
+            answer = await client.get("/", params={"report": "TEXT named_metrics.inflight=3"})
+    assert answer.headers["endpoint-load-metrics"] == "TEXT named_metrics.inflight=3"
+    assert proxy.balancer[url]._report is None
+
+
+async def test_without_trust_no_report_is_read() -> None:
+    from asgi_leasttime import LeastTimeProxy
+    from tests.servers import running
+
+    async with running(reporting_upstream) as url:
+        proxy = LeastTimeProxy(upstreams=[url])
+        async with running(proxy) as front, httpx.AsyncClient(base_url=front) as client:
+            answer = await client.get("/", params={"report": "TEXT named_metrics.inflight=3"})
+    assert answer.headers["endpoint-load-metrics"] == "TEXT named_metrics.inflight=3"
+    assert proxy.balancer[url].reported == 0
+
+
+async def test_reports_written_by_the_middleware_are_read_through_the_proxy() -> None:
+    from asgi_leasttime import LeastTimeProxy
+    from asgi_leasttime.load_reports import LoadReports
+    from tests.servers import UpstreamApp, running
+
+    app = LoadReportMiddleware(UpstreamApp("a"))
+    async with running(app) as url:
+        proxy = LeastTimeProxy(upstreams=[url], load_reports=LoadReports())
+        async with running(proxy) as front, httpx.AsyncClient(base_url=front) as client:
+            answers = [await client.get("/") for _ in range(3)]
+            report = proxy.balancer[url]._report
+    assert all("endpoint-load-metrics" not in a.headers for a in answers)
+    assert report is not None  # heard: the usual count of the others set (0 here)
+    assert report.usual == 0

@@ -388,10 +388,27 @@ LARGE_POOL_POLICIES: dict[str, Factory] = {
 # benchmarks/RESULTS.md ("Load reports (ORCA) in the simulator"), without and with probes.
 REPORTS = {"toward": "excess", "aging": "exp", "fresh_ttfb": 1.0, "prior_decay": 0.01}
 PROBES = {"probe_every": 4, "probe_draws": 8, "probe_after": 0.02}
+
+
+class LeastTimeHearingLoad(BalancerPolicy):
+    """The default mode with its own reading of load reports (``Balancer.heard_load``): what
+    ships, beside the model of the rule it was chosen from (``LeastTimeWithReports``)."""
+
+    def __init__(self, names: list[str], clock: Callable[[], float], rng: random.Random,
+                 **options: Any) -> None:  # fmt: skip
+        super().__init__(names, clock, rng, "leasttime", **options)
+
+    def reported(self, name: str, inflight: float) -> None:
+        """An answer's report, as it arrives: the balancer still counts the answered request."""
+        if name in self.balancer:
+            self.balancer.heard_load(name, inflight)
+
+
 REPORT_POLICIES: dict[str, Factory] = {
     "default": POLICIES["default"],
     "default + reports": lambda n, c, r, **o: LeastTimeWithReports(n, c, r, **{**o, **REPORTS}),
     "default + reports + probes": lambda n, c, r, **o: LeastTimeWithReports(
         n, c, r, **{**o, **REPORTS, **PROBES}
     ),
+    "default + Balancer.heard_load": LeastTimeHearingLoad,
 }
