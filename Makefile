@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming bench-inprocess bench-churn clean
+.PHONY: demo test lint types pytest conformance screenshots system-deps docs bench bench-proxy bench-streaming bench-inprocess bench-churn bench-reports clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ system-deps:
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+# Load reports read against ignored, two serve processes and three real upstreams; the middleware's cost.
+bench-reports: $(STAMP)
+	$(BIN)/python benchmarks/reports.py --cost
+	$(BIN)/python benchmarks/reports.py --rate 420 --seconds 10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pick.py

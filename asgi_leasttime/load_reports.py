@@ -72,8 +72,8 @@ class LoadReports:
 
     Arguments:
         inflight_metrics: the named metrics whose sum is a server's requests in flight
-            (``["inflight"]``, what :class:`LoadReportMiddleware` writes; vLLM:
-            ``["num_requests_running", "num_requests_waiting"]``).
+            (``["inflight"]``, what :class:`LoadReportMiddleware` writes; vLLM's OpenAI server
+            reports its queue as ``num_requests_waiting``).
 
     Given to the proxy, every upstream is trusted to report, except those given with
     ``load_reports=False``; without it, only those given with ``load_reports=True``. A trusted
@@ -129,8 +129,8 @@ def reading_reports(
 
 def parse_load_report(value: bytes, inflight_metrics: Sequence[str] = ("inflight",)) -> LoadReport:
     """The report in one ``endpoint-load-metrics`` value; the requests in flight are the sum of
-    the named metrics ``inflight_metrics`` (vLLM: ``num_requests_running`` and
-    ``num_requests_waiting``). Raises :class:`BadLoadReport`."""
+    the named metrics ``inflight_metrics`` (a server may count what runs and what waits
+    apart). Raises :class:`BadLoadReport`."""
     if len(value) > LONGEST:
         raise BadLoadReport(f"longer than {LONGEST} bytes")
     try:

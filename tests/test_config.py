@@ -293,7 +293,7 @@ SAMPLES: dict[tuple[str, str], Any] = {
     ("log", "access_headers"): ["x-request-id"],
     ("log", "traces"): True,
     ("upstream", "load_reports"): True,
-    ("load_reports", "inflight_metrics"): ["num_requests_running", "num_requests_waiting"],
+    ("load_reports", "inflight_metrics"): ["running", "waiting"],
 }
 
 # Values each constructor refuses, for the keys that have a rule beyond their type.

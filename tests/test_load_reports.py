@@ -39,9 +39,9 @@ def test_reports_that_parse(value: bytes, report: LoadReport) -> None:
 
 
 def test_in_flight_from_several_named_metrics() -> None:
-    """vLLM reports what runs and what waits apart: both are in flight."""
-    value = b"TEXT named_metrics.num_requests_running=3, named_metrics.num_requests_waiting=4"
-    names = ("num_requests_running", "num_requests_waiting")
+    """A server that counts what runs and what waits apart: both are in flight."""
+    value = b"TEXT named_metrics.running=3, named_metrics.waiting=4, named_metrics.other=9"
+    names = ("running", "waiting")
     assert parse_load_report(value, names) == LoadReport(7.0, None)
 
 
