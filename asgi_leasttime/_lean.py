@@ -399,7 +399,8 @@ class _Pool:
         self.keepalive_expiry = limits.keepalive_expiry or 0.0
         self.active = 0
         self.waiting: collections.deque[asyncio.Future[None]] = collections.deque()
-        self.retired = False  # its upstream left: connections close as they come back
+        self.retired = False  # connections close as they come back (the client or upstream gone)
+        self.left = False  # retired because its upstream left the proxy (LeanClient.retire)
 
     async def _take_slot(self, seconds: float | None) -> None:
         if self.active < self.limit and not self.waiting:
@@ -707,6 +708,7 @@ class LeanClient:
         proxy); the connections still in use close when their responses end."""
         pool = self._pools.pop((host, port, https, address), None)
         if pool is not None:
+            pool.left = True
             pool.retired = True
             pool.close()
 

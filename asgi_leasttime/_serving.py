@@ -64,8 +64,8 @@ class ReloadingSupervisor(Multiprocess):
     the upstreams (averages, in-flight counts) and can cut its keep-alive connections. Here
     ``on_hangup`` is called once, in the supervisor (it checks the file, logging a refusal
     once, and applies it to what the supervisor runs); if it returns true, every worker that has
-    started is sent SIGHUP and applies the file itself (a worker still starting reads it as it
-    starts).
+    started is sent SIGHUP and applies the file itself. A worker still starting may have read
+    the file before the change: it is sent SIGHUP once it has started.
     """
 
     def __init__(
@@ -77,6 +77,7 @@ class ReloadingSupervisor(Multiprocess):
         else:
             start(config, sockets=sockets)
         self.on_hangup = on_hangup
+        self.owed: set[int] = set()  # workers to signal once they have started
 
     def handle_hup(self) -> None:
         """Check the file once; if good, tell each worker to apply it."""
@@ -90,5 +91,19 @@ class ReloadingSupervisor(Multiprocess):
             started = getattr(process, "is_ready", process.is_alive)
             if process.pid is not None and started(timeout=2):
                 os.kill(process.pid, signal.SIGHUP)
-            else:
-                logger.info("worker [%s] is still starting: it reads the file itself", process.pid)
+            elif process.pid is not None:
+                logger.info("worker [%s] is still starting: told once it has", process.pid)
+                self.owed.add(process.pid)
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's round (every half second), and the reloads owed to workers now started."""
+        super().keep_subprocess_alive()
+        if not self.owed:
+            return
+        for process in self.processes:
+            if process.pid in self.owed and process.is_alive(timeout=1):
+                ready = getattr(process, "is_ready", None)
+                if ready is None or ready(timeout=1):
+                    self.owed.discard(process.pid)
+                    os.kill(process.pid, signal.SIGHUP)
+        self.owed &= {process.pid for process in self.processes if process.pid is not None}

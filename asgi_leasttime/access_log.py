@@ -34,12 +34,18 @@ logger = logging.getLogger("asgi_leasttime.access")
 NEVER_LOGGED = frozenset({"cookie", "authorization", "proxy-authorization", "set-cookie"})
 """Headers whose values no access log writes, even when asked to."""
 
-_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\]')
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f"\\\u2028\u2029]')  # the last two: line ends too
 
 
 def _escaped(text: str) -> str:
-    """``text`` with control characters, the quote and the backslash as ``\\xNN``."""
-    return _UNSAFE.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    """``text`` with control characters, the quote and the backslash as ``\\xNN`` (the line
+    and paragraph separators as ``\\u2028`` and ``\\u2029``)."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\u{code:04x}" if code > 0xFF else f"\\x{code:02x}"
 
 
 def _seconds(seconds: float | None) -> str:

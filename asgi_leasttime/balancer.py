@@ -97,7 +97,9 @@ REPORT_USUAL_WEIGHT = 0.01
 REPORT_TAU_COLD = 0.05
 """Seconds a report takes to fade by 1/e on a server with no TTFB yet (else its average)."""
 REPORT_STEPS_PER_TAU = 4
-REPORT_LAST_STEP = 12  # 3 tau: under 5 % left, taken as none
+"""A report fades in steps of a quarter of tau (``exp(-1/4)`` a step)."""
+REPORT_LAST_STEP = 12
+"""Steps after which a report counts for nothing: at 3 tau under 5 % of it is left."""
 
 SURE_AFTER = 3
 """Default mode: a server with fewer samples since it was cold or stale takes one request at a

@@ -30,7 +30,7 @@ from asgi_leasttime._extras import need
 from asgi_leasttime.options import OptionError, check_fields, check_positive
 from asgi_leasttime.state import Change
 from asgi_leasttime.upstream import Upstream
-from asgi_leasttime.upstreams import UpstreamSet
+from asgi_leasttime.upstreams import Member, UpstreamSet
 
 __all__ = ["Discovery", "DnsResolver", "LookupFailed"]
 
@@ -163,23 +163,34 @@ class _DnsPythonLookup:
         raise LookupFailed(f"{type(failure).__name__}: {failure}")
 
 
+def names_base(template: Upstream) -> str:
+    """What the upstreams a template makes are named after: its name, or, when it has none
+    of its own (the URL stands for it), its host and port."""
+    if "://" in template.name:
+        return f"{template.host}:{template.port}"
+    return template.name
+
+
 class _Group:
     """One template and the upstreams its name resolves to now."""
 
-    def __init__(self, template: Upstream) -> None:
+    def __init__(self, template: Upstream, leftovers: Sequence[str] = ()) -> None:
         self.template = template
         self.names: dict[str, str] = {}  # address -> the upstream made for it
+        # The upstreams of the template this one replaced (another URL): they serve until this
+        # one's first answer, so that a reload never leaves the name with none.
+        self.leftovers = list(leftovers)
         self.due = 0.0  # when the name is looked up next (time.monotonic())
         self.failing = False  # an outage logged and not yet over
 
+    @property
+    def base(self) -> str:
+        """What its upstreams' names start with (:func:`names_base`)."""
+        return names_base(self.template)
+
     def name_for(self, address: str) -> str:
-        template = self.template
-        assert template.url is not None
         shown = f"[{address}]" if ":" in address else address
-        base = template.name
-        if base == str(template.url):  # no name given: the host and port
-            base = f"{template.host}:{template.port}"
-        return f"{base}@{shown}"
+        return f"{self.base}@{shown}"
 
     def upstream_for(self, address: str) -> Upstream:
         template = self.template
@@ -208,31 +219,48 @@ class Discovery:
         self.groups: dict[str, _Group] = {}
         """Templates by name, with what each resolves to."""
         self._changed = anyio.Event()
+        members.removed.append(self._forget)
 
     def __bool__(self) -> bool:
         return bool(self.groups)
 
-    def add(self, template: Upstream) -> None:
-        """Resolve ``template``'s host from now on (at once, with the loop running)."""
+    def refusal(self, template: Upstream) -> str | None:
+        """Why ``template`` cannot join (its name or its upstreams' names taken), or ``None``."""
         if template.name in self.groups or template.name in self.members:
-            raise ValueError(f"an upstream named {template.name!r} is already in this proxy")
-        self.groups[template.name] = _Group(template)
+            return f"an upstream named {template.name!r} is already in this proxy"
+        base = _Group(template).base
+        if any(group.base == base for group in self.groups.values()):
+            return f"another upstream resolved by DNS already names its upstreams {base}@..."
+        return None
+
+    def add(self, template: Upstream, leftovers: Sequence[str] = ()) -> None:
+        """Resolve ``template``'s host from now on (at once, with the loop running)."""
+        refusal = self.refusal(template)
+        if refusal is not None:
+            raise ValueError(refusal)
+        self.groups[template.name] = _Group(template, leftovers)
         self._changed.set()
 
     def remove(self, name: str) -> None:
         """Stop resolving a template and remove the upstreams it made."""
         group = self.groups.pop(name)
-        for member_name in group.names.values():
+        for member_name in [*group.names.values(), *group.leftovers]:
             if member_name in self.members:
                 self.members.remove(member_name)
+        group.names.clear()
+        group.leftovers.clear()
 
     def update(self, template: Upstream) -> None:
-        """A template changed: another URL starts afresh; a weight or a fence passes to the
-        upstreams it made."""
+        """A template changed: another URL starts afresh (its old upstreams serving until the
+        new one's first answer); a weight or a fence passes to the upstreams it made."""
         group = self.groups[template.name]
-        if str(group.template.url) != str(template.url):
-            self.remove(template.name)
-            self.add(template)
+        was = group.template
+        if (str(was.url), was.load_reports) != (str(template.url), template.load_reports):
+            old = self.groups.pop(template.name)
+            leftovers = [*old.names.values(), *old.leftovers]
+            old.names.clear()
+            self.groups[template.name] = _Group(template, leftovers)
+            self._changed.set()
             return
         group.template = template
         for name in group.names.values():
@@ -263,14 +291,25 @@ class Discovery:
             with anyio.move_on_after(max(0.0, soonest - time.monotonic())):
                 await self._changed.wait()
 
+    def _forget(self, member: Member) -> None:
+        """An upstream removed (by the API, say): if its address still resolves, it comes back
+        at the next lookup."""
+        for group in self.groups.values():
+            for address, name in tuple(group.names.items()):
+                if name == member.name:
+                    del group.names[address]
+
     async def _resolve(self, group: _Group) -> None:
         template = group.template
         assert template.url is not None
         try:
             addresses, ttl = await self._lookup(template.host, template.port)
         except LookupFailed as exc:
-            self._keep(group, f"the lookup failed ({exc})")
+            if self.groups.get(template.name) is group:
+                self._keep(group, f"the lookup failed ({exc})")
             return
+        if self.groups.get(template.name) is not group:
+            return  # removed or replaced while the lookup was out
         if not addresses:
             self._keep(group, "the answer was empty")
             return
@@ -295,6 +334,10 @@ class Discovery:
 
     def _follow(self, group: _Group, addresses: list[str]) -> None:
         members = self.members
+        leftovers, group.leftovers = group.leftovers, []
+        for name in leftovers:  # the replaced template's: this one answers now
+            if name in members:
+                members.remove(name)
         for address in [a for a in group.names if a not in addresses]:
             name = group.names.pop(address)
             if name in members:

@@ -147,10 +147,10 @@ def parse_load_report(value: bytes, inflight_metrics: Sequence[str] = ("inflight
     else:
         raise BadLoadReport(f"no TEXT or JSON before the report ({kind[:16]!r})")
     named = [
-        fields[f"named_metrics.{name}"]
-        for name in inflight_metrics
-        if f"named_metrics.{name}" in fields
+        fields[f"named_metrics.{n}"] for n in inflight_metrics if f"named_metrics.{n}" in fields
     ]
+    if any(count < 0 for count in named):
+        raise BadLoadReport("a negative count of requests")
     inflight = math.fsum(named) if named else None
     utilization = fields.get("cpu_utilization")
     if inflight is not None and not 0 <= inflight <= MOST_IN_FLIGHT:

@@ -22,7 +22,7 @@ from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
-from asgi_leasttime.discovery import Discovery, DnsResolver
+from asgi_leasttime.discovery import Discovery, DnsResolver, names_base
 from asgi_leasttime.errors import NotConnected, UpstreamError
 from asgi_leasttime.health import (
     HealthCheck,
@@ -49,6 +49,17 @@ if TYPE_CHECKING:
 
 
 __all__ = ["LeastTimeProxy"]
+
+
+def _another_server(held: Upstream, given: Upstream) -> bool:
+    """Whether a reloaded upstream of the same name is another one: another URL, address,
+    app, or trust in its load reports (each fixed when its opener was made)."""
+    return (str(held.url), held.address, held.load_reports) != (
+        str(given.url),
+        given.address,
+        given.load_reports,
+    ) or held.app is not given.app
+
 
 logger = logging.getLogger("asgi_leasttime.proxy")
 
@@ -276,6 +287,10 @@ class LeastTimeProxy:
         is added in every process sharing this proxy's state store."""
         if isinstance(upstream, str):
             upstream = Upstream(upstream)
+        if upstream.resolve:
+            raise OptionError("resolve", "a name to resolve is configured, not added: reload")
+        if upstream.name in self._discovery.groups:
+            raise ValueError(f"an upstream named {upstream.name!r} is already in this proxy")
         self._members.add(upstream, origin="api")
         if upstream.url is not None:
             self.state.share(
@@ -291,6 +306,8 @@ class LeastTimeProxy:
     def _add_configured(self, upstream: Upstream) -> None:
         """An upstream of the options or the file: a server, or a name to resolve."""
         if not upstream.resolve:
+            if upstream.name in self._discovery.groups:
+                raise ValueError(f"an upstream named {upstream.name!r} is already in this proxy")
             self._members.add(upstream)
             return
         if self._lean is None:
@@ -301,13 +318,20 @@ class LeastTimeProxy:
             )
         self._discovery.add(upstream)
 
-    def reconcile_upstreams(self, upstreams: Sequence[Upstream]) -> None:
+    def reconcile_upstreams(
+        self, upstreams: Sequence[Upstream], previous: Sequence[Upstream] | None = None
+    ) -> None:
         """Make the configured upstreams these (a reloaded file): the new ones join cold, the
         ones gone leave (their requests in flight finish), weights and fences follow, and one
-        whose URL or address changed starts afresh. Upstreams added through the API stay.
-        Nothing is shared through the state store: every process applies its own file."""
+        whose URL, address or trust in its load reports changed starts afresh. Upstreams added
+        through the API stay. ``previous``: the upstreams the file gave before; a weight or a
+        fence it does not change is left as it is now (the admin API may have set it).
+        Nothing is shared through the state store: every process applies its own file. Raises
+        ``ValueError`` before anything moves for a list that cannot be applied."""
         wanted = {upstream.name: upstream for upstream in upstreams}
+        before = {upstream.name: upstream for upstream in previous or ()}
         discovery, members = self._discovery, self._members
+        self._check_reconcilable(wanted)
         for name in tuple(discovery.groups):
             if name not in wanted or not wanted[name].resolve:
                 discovery.remove(name)
@@ -325,17 +349,33 @@ class LeastTimeProxy:
                     self._add_configured(upstream)
             elif held is None:
                 self._add_configured(upstream)
-            elif (str(held.upstream.url), held.upstream.address) != (
-                str(upstream.url),
-                upstream.address,
-            ) or held.upstream.app is not upstream.app:
+            elif _another_server(held.upstream, upstream):
                 members.remove(name)
                 self._add_configured(upstream)
             else:
                 held.origin = "config"  # the file names it now
-                was = held.upstream
-                if (was.weight, was.fenced) != (upstream.weight, upstream.fenced):
+                said = before.get(name, held.upstream)  # the file's last word, else the live one
+                if (said.weight, said.fenced) != (upstream.weight, upstream.fenced):
                     members.apply(Change(name, weight=upstream.weight, fenced=upstream.fenced))
+
+    def _check_reconcilable(self, wanted: dict[str, Upstream]) -> None:
+        members = self._members
+        bases: dict[str, str] = {}
+        for name, upstream in wanted.items():
+            held = members.get(name)
+            if (
+                held is not None
+                and held.origin not in ("config",)
+                and (upstream.resolve or held.origin == "dns")
+            ):
+                raise ValueError(f"{name!r} is the name of an upstream added while running")
+            if upstream.resolve:
+                if self._lean is None:
+                    raise OptionError("resolve", "needs the proxy's own upstream client")
+                base = names_base(upstream)
+                if base in bases:
+                    raise ValueError(f"{name!r} and {bases[base]!r} would name upstreams alike")
+                bases[base] = name
 
     def remove_upstream(self, name: str) -> None:
         """Remove an upstream and everything the proxy keeps for it: its health checks stop
@@ -549,7 +589,8 @@ class LeastTimeProxy:
             discovery = self._discovery
             if discovery:  # the names' first addresses before the first request
                 await discovery.resolve_all()
-                task_group.start_soon(keep_running, "DNS discovery", discovery.run, logger)
+            # Always: a reload may bring the first name to resolve.
+            task_group.start_soon(keep_running, "DNS discovery", discovery.run, logger)
             if self.freeze_gc:
                 gc.collect()  # garbage left from start-up is freed, not frozen
                 gc.freeze()
@@ -685,8 +726,9 @@ class LeastTimeProxy:
     def _tell_observers(self, record: RequestRecord) -> None:
         scope = record.scope
         if record.protocol == "websocket" and record.upstream is not None:
-            # The handshake's answer, relayed as it came.
-            record.upstream_status = record.status if record.status != 499 else None
+            # The upstream's 101 once accepted; a refused or failed handshake reaches the client
+            # as a close, which says nothing of what the upstream answered.
+            record.upstream_status = 101 if record.status == 101 else None
         record.client = self.request_headers.client_address(scope)
         sticky = self.sticky
         if sticky is not None and record.upstream is not None:
@@ -710,11 +752,16 @@ class LeastTimeProxy:
         member = self._by_name.get(name)
         if member is not None and member.upstream.url is not None:
             upstream = member.upstream
-            record.address = f"{upstream.address or upstream.host}:{upstream.port}"
-        if exchange is None:  # in-process: one attempt, whose status the client got
-            record.attempts = 1
-            record.upstream_status = record.status if record.status != 499 else None
-            return
+            host = upstream.address or upstream.host
+            record.address = (
+                f"[{host}]:{upstream.port}" if ":" in host else f"{host}:{upstream.port}"
+            )
+        if exchange is None:
+            if member is not None and member.upstream.app is not None:
+                # In-process: one attempt, whose status the client got.
+                record.attempts = 1
+                record.upstream_status = record.status if record.status != 499 else None
+            return  # else the proxy answered itself (a bad request, no upstream): none tried
         self._recording.pop(exchange, None)
         record.upstream_status = exchange.status
         record.ttfb = exchange.ttfb
@@ -733,6 +780,8 @@ class LeastTimeProxy:
             budget.requests += 1  # count_request() spelt out: one call less on every request
         if self._task_group is None:
             self._timers_due()  # no lifespan runs the timer: the requests do
+        if self.tracing is not None:
+            self.tracing.new_request()
         try:
             lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
@@ -905,8 +954,9 @@ class LeastTimeProxy:
                 method: str, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
             ) -> Coroutine[Any, Any, LeanResponse]:
                 nonlocal pool
-                if pool.retired:  # the client was closed (a lifespan ended): a fresh one
+                if pool.retired and not pool.left:  # the client closed (a lifespan ended)
                     pool = pool_of(host, port, https, address)
+                # (A pool whose upstream left is kept: a late attempt closes its connection.)
                 return send_to(pool, method, base_path + target, headers, body)
 
             return self._layered(open_upstream, upstream)

@@ -190,6 +190,11 @@ def reload_file(
     if checked is None:
         return None
     new, live = checked
+    try:  # checked whole before anything moves: a list that cannot apply changes nothing
+        proxy.reconcile_upstreams(live.upstreams, [Upstream(**u) for u in current.upstreams])
+    except (ValueError, OptionError) as exc:
+        logger.warning("%s refused, nothing changed: %s", path, exc)
+        return None
     proxy.reconfigure(
         sticky=live.sticky,
         health_check=live.health_check,
@@ -197,7 +202,6 @@ def reload_file(
         retry=live.retry,
         timeout=live.timeout,
     )
-    proxy.reconcile_upstreams(live.upstreams)
     logger.info("reloaded %s: %s", path, _what_changed(current, new))
     waiting = not_applied(current, new)
     if waiting:

@@ -27,10 +27,10 @@ from asgi_leasttime.upstream import Upstream
 
 __all__ = ["Tracing"]
 
-_PROPAGATED = frozenset({b"traceparent", b"tracestate"})
+_PROPAGATED = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
-# Attempts made so far in this request's task: each request runs in a task (and a context) of
-# its own, so the count starts at 0 for every request.
+# Attempts made so far for the request at hand, in its context: the proxy starts it at 0 for
+# each request (Tracing.new_request), since a server may run several in one task.
 _attempts: contextvars.ContextVar[int] = contextvars.ContextVar("leasttime_attempts", default=0)
 
 
@@ -51,6 +51,11 @@ class Tracing:
         self._inject = inject
         self._extract = extract
         self.tracer = trace.get_tracer("asgi_leasttime", tracer_provider=tracer_provider)
+
+    @staticmethod
+    def new_request() -> None:
+        """A request begins: its first attempt is attempt 0 (``leasttime.retry``)."""
+        _attempts.set(0)
 
     def wrap(self, opener: Opener, upstream: Upstream, score: Callable[[], float]) -> Opener:
         """``opener`` with a span around each attempt it makes; ``score``: the upstream's

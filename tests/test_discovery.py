@@ -356,3 +356,122 @@ async def test_a_websocket_reaches_the_address_it_was_given(
             async with connect(ws_url, proxy=None, open_timeout=5) as socket:
                 hello = await socket.recv()
     assert hello == "hello from 127.0.0.3 q="
+
+
+# -- the seams a review found ---------------------------------------------------------------------
+
+
+class HeldLookup:
+    """A lookup the test answers: each call waits until ``answer`` is set."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.asked = anyio.Event()
+        self.go = anyio.Event()
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int) -> tuple[list[str], float | None]:
+        self.calls += 1
+        self.asked.set()
+        await self.go.wait()
+        return list(self.addresses), None
+
+
+def held_proxy(*upstreams: Upstream) -> tuple[LeastTimeProxy, HeldLookup]:
+    proxy = LeastTimeProxy(
+        upstreams=list(upstreams),
+        dns=DnsResolver(resolve_every=0.2, min_resolve_every=0.1),
+    )
+    lookup = HeldLookup()
+    proxy._discovery._lookup = lookup
+    return proxy, lookup
+
+
+def names(proxy: LeastTimeProxy) -> set[str]:
+    return {status.name for status in proxy.upstream_status()}
+
+
+async def test_a_template_removed_while_its_lookup_is_out_leaves_nothing_behind() -> None:
+    proxy, lookup = held_proxy(
+        Upstream("http://127.0.0.1:9", name="a"),
+        Upstream("http://svc:80", name="svc", resolve=True),
+    )
+    lookup.addresses = ["10.0.0.1"]
+    lookup.go.set()
+    async with proxy.lifespan():
+        assert names(proxy) == {"a", "svc@10.0.0.1"}
+        lookup.go, lookup.asked = anyio.Event(), anyio.Event()
+        lookup.addresses = ["10.0.0.1", "10.0.0.2"]
+        await lookup.asked.wait()  # the next lookup is out
+        proxy.reconcile_upstreams([Upstream("http://127.0.0.1:9", name="a")])
+        lookup.go.set()  # and answers after the template is gone
+        await anyio.sleep(0.3)
+        assert names(proxy) == {"a"}
+
+
+async def test_a_reload_bringing_the_first_name_to_resolve_resolves_it() -> None:
+    proxy, lookup = held_proxy(Upstream("http://127.0.0.1:9", name="a"))
+    lookup.addresses = ["10.0.0.7"]
+    lookup.go.set()
+    async with proxy.lifespan():
+        proxy.reconcile_upstreams(
+            [Upstream("http://127.0.0.1:9", name="a"), Upstream("http://svc:80", resolve=True)]
+        )
+        with anyio.fail_after(2):
+            while "svc:80@10.0.0.7" not in names(proxy):  # noqa: ASYNC110 (a state to poll)
+                await anyio.sleep(0.02)
+
+
+async def test_a_new_url_for_a_name_keeps_the_old_addresses_until_the_new_ones_answer() -> None:
+    proxy, lookup = held_proxy(Upstream("http://svc:80", name="svc", resolve=True))
+    lookup.addresses = ["10.0.0.1"]
+    lookup.go.set()
+    async with proxy.lifespan():
+        lookup.go, lookup.asked = anyio.Event(), anyio.Event()
+        proxy.reconcile_upstreams([Upstream("http://svc-v2:80", name="svc", resolve=True)])
+        await lookup.asked.wait()
+        assert names(proxy) == {"svc@10.0.0.1"}  # still served while the new name is looked up
+        lookup.addresses = ["10.0.0.9"]
+        lookup.go.set()
+        with anyio.fail_after(2):
+            while names(proxy) != {"svc@10.0.0.9"}:  # noqa: ASYNC110 (a state to poll)
+                await anyio.sleep(0.02)
+
+
+async def test_a_reload_leaves_what_the_admin_api_set_unless_the_file_changes_it() -> None:
+    first = [Upstream("http://127.0.0.1:9", name="a"), Upstream("http://127.0.0.1:8", name="b")]
+    proxy = LeastTimeProxy(upstreams=first)
+    proxy.set_fenced("a", True)  # an operator drains a
+    proxy.set_weight("b", 5)
+    again = [Upstream("http://127.0.0.1:9", name="a"), Upstream("http://127.0.0.1:8", name="b")]
+    proxy.reconcile_upstreams(again, previous=first)
+    statuses = {s.name: s for s in proxy.upstream_status()}
+    assert statuses["a"].fenced
+    assert statuses["b"].weight == 5
+    changed = [
+        Upstream("http://127.0.0.1:9", name="a"),
+        Upstream("http://127.0.0.1:8", name="b", weight=2),
+    ]
+    proxy.reconcile_upstreams(changed, previous=again)
+    assert {s.name: s.weight for s in proxy.upstream_status()}["b"] == 2
+
+
+def test_names_that_would_collide_are_refused_before_anything_moves() -> None:
+    template = Upstream("http://svc:80/v1", resolve=True)
+    with pytest.raises(ValueError, match="already names its upstreams svc:80@"):
+        LeastTimeProxy(upstreams=[template, Upstream("http://svc:80/v2", resolve=True)])
+    with pytest.raises(ValueError, match="already"):
+        LeastTimeProxy(
+            upstreams=[
+                Upstream("http://svc:80", name="x", resolve=True),
+                Upstream("http://a:1", name="x"),
+            ]
+        )
+    proxy = LeastTimeProxy(upstreams=["http://127.0.0.1:9"])
+    proxy.add_upstream(Upstream("http://127.0.0.1:8", name="by-hand"))
+    before = names(proxy)
+    with pytest.raises(ValueError, match="added while running"):
+        proxy.reconcile_upstreams([Upstream("http://svc:80", name="by-hand", resolve=True)])
+    assert names(proxy) == before  # nothing moved
+    with pytest.raises(OptionError):
+        proxy.add_upstream(Upstream("http://svc:80", resolve=True))

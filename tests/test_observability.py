@@ -290,3 +290,42 @@ def test_serve_writes_one_access_line_per_request_in_place_of_uvicorns(workers: 
     assert sorted(d["RequestPath"] for d in documents) == [f"/n/{i}" for i in range(6)]
     assert {d["OriginStatus"] for d in documents} == {200}
     assert all(d["ServiceAddr"] == upstream.removeprefix("http://") for d in documents)
+
+
+async def test_an_answer_of_the_proxys_own_names_no_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bad request the proxy answers itself: no upstream was tried, whatever was picked."""
+    caplog.set_level(logging.INFO, "asgi_leasttime.access")
+    async with running_many(UpstreamApp("a")) as urls:
+        proxy = LeastTimeProxy(upstreams=[Upstream(urls[0], name="a")])
+        proxy.observe_requests(AccessLog("json"))
+        async with running(proxy) as url, httpx.AsyncClient(base_url=url) as client:
+            refused = await client.get("/x/%2e%2e/y")
+    assert refused.status_code == 400
+    (document,) = [json.loads(line) for line in access(caplog)]
+    assert document["DownstreamStatus"] == 400
+    assert document["OriginStatus"] is None
+    assert document["RetryAttempts"] == 0
+
+
+async def test_each_request_starts_its_attempts_at_zero_even_in_one_task() -> None:
+    """httpx's ASGITransport runs every request in the caller's task: the count is per request."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with running_many(UpstreamApp("a")) as urls:
+        proxy = LeastTimeProxy(upstreams=[urls[0]], tracing=Tracing(tracer_provider=provider))
+        transport = httpx.ASGITransport(app=proxy)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            for _ in range(3):
+                assert (await client.get("/")).status_code == 200
+    assert [span.attributes["leasttime.retry"] for span in exporter.get_finished_spans()] == [
+        0,
+        0,
+        0,
+    ]

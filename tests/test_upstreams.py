@@ -436,3 +436,18 @@ async def test_a_user_entering_while_the_last_one_tears_down_waits_and_starts_af
     assert inside.is_set()
     assert store.starts == 2
     assert not proxy.running
+
+
+async def test_a_late_attempt_on_a_removed_upstream_does_not_bring_its_pool_back() -> None:
+    """Its opener keeps the pool it had (retired: the connection closes as it comes back)
+    rather than registering a new one nobody would close."""
+    from asgi_leasttime import LeastTimeProxy, Upstream
+
+    proxy = LeastTimeProxy(upstreams=[Upstream("http://127.0.0.1:9", name="a")])
+    assert proxy._lean is not None
+    opener = proxy.members["a"].opener
+    proxy.remove_upstream("a")
+    assert not proxy._lean._pools
+    with contextlib.suppress(Exception):
+        await opener("GET", b"/", [], None)  # refused: nothing listens there
+    assert not proxy._lean._pools
