@@ -231,6 +231,7 @@ class Server:
         "_index",
         "_inflight",
         "_last_sample_at",
+        "_others",
         "_queueing",
         "_recheck",
         "_refused_until",
@@ -259,9 +260,8 @@ class Server:
         self._deadline = deadline
         self._inflight = 0
         self._elsewhere = 0.0  # requests other processes have in flight on it, as last heard
-        self._reported = (
-            0.0  # default mode: what its load reports add, fading (Balancer.heard_load)
-        )
+        self._reported = 0.0  # default mode: what its load reports add (Balancer.heard_load)
+        self._others = 0.0  # the two above, added once for the score
         self._report: _Report | None = None
         self._requests = 0
         self._failures = 0
@@ -752,7 +752,7 @@ class Balancer:
 
     def _rescore_leasttime(self, server: Server) -> None:
         if server._count >= SURE_AFTER and not server._stale:
-            inflight = server._inflight + server._elsewhere + server._reported
+            inflight = server._inflight + server._others
             score = server._average * (1 + server._queueing.factor * inflight) / server._weight
         elif server._inflight:
             # Too little known: one request at a time, so one lucky sample cannot draw a flood.
@@ -866,6 +866,7 @@ class Balancer:
     def _set_reported(self, server: Server, reported: float) -> None:
         if server._reported != reported:
             server._reported = reported
+            server._others = server._elsewhere + reported
             self._rescore(server)
 
     def set_inflight_elsewhere(self, name: str, inflight: float) -> None:
@@ -875,6 +876,7 @@ class Balancer:
         if self._traefik or server._elsewhere == inflight:
             return
         server._elsewhere = inflight
+        server._others = inflight + server._reported
         self._rescore(server)
 
     # -- the primitives ---------------------------------------------------------------------------
