@@ -20,7 +20,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,21 @@ class _DnsPythonLookup:
         raise LookupFailed(f"{type(failure).__name__}: {failure}")
 
 
+def clash(templates: Iterable[Upstream]) -> str | None:
+    """Why these templates cannot be resolved side by side (two would name their upstreams
+    alike), or ``None``."""
+    seen: dict[str, str] = {}
+    for template in templates:
+        base = names_base(template)
+        if base in seen:
+            return (
+                f"{template.name!r}: another upstream resolved by DNS ({seen[base]!r}) already "
+                f"names its upstreams {base}@..."
+            )
+        seen[base] = template.name
+    return None
+
+
 def names_base(template: Upstream) -> str:
     """What the upstreams a template makes are named after: its name, or, when it has none
     of its own (the URL stands for it), its host and port."""
@@ -228,10 +243,7 @@ class Discovery:
         """Why ``template`` cannot join (its name or its upstreams' names taken), or ``None``."""
         if template.name in self.groups or template.name in self.members:
             return f"an upstream named {template.name!r} is already in this proxy"
-        base = _Group(template).base
-        if any(group.base == base for group in self.groups.values()):
-            return f"another upstream resolved by DNS already names its upstreams {base}@..."
-        return None
+        return clash([*(group.template for group in self.groups.values()), template])
 
     def add(self, template: Upstream, leftovers: Sequence[str] = ()) -> None:
         """Resolve ``template``'s host from now on (at once, with the loop running)."""
@@ -266,13 +278,6 @@ class Discovery:
         for name in group.names.values():
             if name in self.members:
                 self.members.apply(Change(name, weight=template.weight, fenced=template.fenced))
-
-    def made_by(self, name: str) -> str | None:
-        """The template an upstream was made for, if any."""
-        for group_name, group in self.groups.items():
-            if name in group.names.values():
-                return group_name
-        return None
 
     async def resolve_all(self) -> None:
         """Look every name up once, at once (the lifespan's start)."""

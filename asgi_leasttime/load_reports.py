@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -261,7 +260,6 @@ class _CpuUtilization:
     def __init__(self) -> None:
         self._wall, self._cpu = time.monotonic(), time.process_time()
         self._value = 0.0
-        self._cores = os.cpu_count() or 1  # (kept for the docs: one busy core is 1.0)
 
     def now(self) -> float:
         wall = time.monotonic()

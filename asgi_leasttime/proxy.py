@@ -22,7 +22,7 @@ from asgi_leasttime._logging import RateLimitedLog
 from asgi_leasttime._tasks import keep_running
 from asgi_leasttime.balancer import Balancer, Lease, Mode, NoAvailableServer
 from asgi_leasttime.client import DEFAULT_LIMITS, DEFAULT_TIMEOUT, create_client, forget_cookies
-from asgi_leasttime.discovery import Discovery, DnsResolver, names_base
+from asgi_leasttime.discovery import Discovery, DnsResolver, clash
 from asgi_leasttime.errors import NotConnected, UpstreamError
 from asgi_leasttime.health import (
     HealthCheck,
@@ -257,6 +257,8 @@ class LeastTimeProxy:
         if client is not None:
             forget_cookies(client)
         self.tracing = tracing
+        # Neither traced nor observed: requests take the plain path (one check a request).
+        self._plain = tracing is None
         self.load_reports = load_reports
         self.dns = dns if dns is not None else DnsResolver()
         self._discovery = Discovery(self._members, self.dns)
@@ -360,7 +362,6 @@ class LeastTimeProxy:
 
     def _check_reconcilable(self, wanted: dict[str, Upstream]) -> None:
         members = self._members
-        bases: dict[str, str] = {}
         for name, upstream in wanted.items():
             held = members.get(name)
             if (
@@ -369,13 +370,11 @@ class LeastTimeProxy:
                 and (upstream.resolve or held.origin == "dns")
             ):
                 raise ValueError(f"{name!r} is the name of an upstream added while running")
-            if upstream.resolve:
-                if self._lean is None:
-                    raise OptionError("resolve", "needs the proxy's own upstream client")
-                base = names_base(upstream)
-                if base in bases:
-                    raise ValueError(f"{name!r} and {bases[base]!r} would name upstreams alike")
-                bases[base] = name
+            if upstream.resolve and self._lean is None:
+                raise OptionError("resolve", "needs the proxy's own upstream client")
+        clashing = clash(upstream for upstream in wanted.values() if upstream.resolve)
+        if clashing is not None:
+            raise ValueError(clashing)
 
     def remove_upstream(self, name: str) -> None:
         """Remove an upstream and everything the proxy keeps for it: its health checks stop
@@ -494,10 +493,12 @@ class LeastTimeProxy:
         record is made."""
         if observer not in self._observers:
             self._observers = (*self._observers, observer)
+        self._plain = self.tracing is None and not self._observers
 
     def stop_observing(self, observer: RequestObserver) -> None:
         """Stop telling ``observer`` of requests."""
         self._observers = tuple(o for o in self._observers if o is not observer)
+        self._plain = self.tracing is None and not self._observers
 
     # -- the client and the lifespan --------------------------------------------------------------
 
@@ -696,7 +697,7 @@ class LeastTimeProxy:
         self, scope: Scope, receive: Receive, send: Send, fallback: ASGIApp | None
     ) -> Coroutine[Any, Any, None]:
         # A plain function handing over a coroutine: one frame less on every request.
-        if not self._observers:
+        if self._plain:
             return self._forward(scope, receive, send, fallback)
         return self._observed(self._forward, "http", scope, receive, send, fallback)
 
@@ -709,7 +710,13 @@ class LeastTimeProxy:
         send: Send,
         fallback: ASGIApp | None,
     ) -> None:
-        """``relay`` (the HTTP or the WebSocket path) with a record made, for the observers."""
+        """``relay`` (the HTTP or the WebSocket path) with its attempts traced and a record
+        made for the observers, as they are asked for."""
+        if self.tracing is not None:
+            self.tracing.new_request()
+        if not self._observers:
+            await relay(scope, receive, send, fallback)
+            return
         record = RequestRecord(scope, time.time(), protocol)
         started = time.perf_counter()
 
@@ -780,8 +787,6 @@ class LeastTimeProxy:
             budget.requests += 1  # count_request() spelt out: one call less on every request
         if self._task_group is None:
             self._timers_due()  # no lifespan runs the timer: the requests do
-        if self.tracing is not None:
-            self.tracing.new_request()
         try:
             lease, set_cookie = self._choose(scope)
         except NoAvailableServer:
